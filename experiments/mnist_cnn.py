@@ -1,0 +1,30 @@
+"""MNIST with the small Keras-example CNN (conv 32-64-64, dense 64), Adam, batch 64, 5 epochs.
+
+  python launch.py --config=experiments/mnist_cnn.py
+  python launch.py --config=experiments/mnist_cnn.py:cpu     # ~1 minute on a 2-core CPU
+
+Data: TFDS `mnist`, downloaded and prepared on first use (needs network once).
+Full run: not measured yet in this repository (the Keras example reports about 99% test
+accuracy). The same network trained on MNIST's 8,000 first test images reaches 97-98% on the
+last 2,000 on a 2-core CPU in about a minute (tests/test_real_data.py).
+"""
+from research import config as config_lib
+
+
+def get_config(arg=None):
+  options = config_lib.parse_arg(arg)
+  c = config_lib.defaults('mnist_cnn', num_classes=10)
+  c.seed = 0
+  c.batch_size = 64
+  c.total_steps = 5 * 60000 // 64     # 5 epochs
+  c.log_every_steps = 100
+  c.eval_every_steps = 60000 // 64    # once an epoch
+  c.checkpoint_every_steps = 60000 // 64
+  c.data.name = 'mnist'
+  c.optimizer.name = 'adam'
+  c.optimizer.learning_rate = 1e-3
+  if 'cpu' in options:
+    c.total_steps = 400
+    c.log_every_steps = 50
+    c.eval_every_steps = c.checkpoint_every_steps = 400
+  return c

@@ -1,0 +1,1 @@
+"""research: a small JAX/Flax codebase for training and studying neural networks."""

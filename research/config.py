@@ -1,0 +1,141 @@
+"""Every key the trainer reads, with its default, and validation of experiment configs.
+
+An experiment file sets what it needs; `resolve(config)` fills in the rest from `defaults()`
+and rejects keys the trainer does not know (a misspelt key would otherwise be silently
+ignored), naming the closest valid key. `config.model` is checked against the chosen model's
+own fields (see research/models). Everything here runs before anything is compiled.
+"""
+import dataclasses
+import difflib
+
+import jax.numpy as jnp
+import ml_collections
+
+from research import models
+
+# Every experiment sets these, so that forks and scripts can rely on them.
+REQUIRED = ('seed', 'batch_size', 'total_steps', 'log_every_steps', 'eval_every_steps',
+            'checkpoint_every_steps', 'model.name', 'data.name', 'optimizer.name',
+            'optimizer.learning_rate')
+
+
+def model_config(name: str, **fields) -> ml_collections.ConfigDict:
+  """Every field of model `name` with its default (dtypes as names), updated with `fields`."""
+  c = ml_collections.ConfigDict({'name': name})
+  for field in dataclasses.fields(models.model_class(name)):
+    if field.init and field.name not in ('name', 'parent'):
+      value = field.default
+      if field.name.endswith('dtype'):
+        value = jnp.dtype(value).name
+      c[field.name] = value
+  models.check_config(ml_collections.ConfigDict({'name': name, **fields}))
+  c.update(fields)
+  return c
+
+
+def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigDict:
+  """All trainer keys with their defaults; with `model`, all of that model's fields too.
+
+  The result is locked: assigning a key that does not exist (a typo) raises at once, and every
+  key can be overridden from the command line (--config.data.path=...).
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 64                # global, across all devices and processes
+  c.total_steps = 1000
+  c.log_every_steps = 100
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.loss = 'cross_entropy'         # cross_entropy | mse
+  c.label_smoothing = 0.0
+  c.grad_accum_steps = 1           # micro-batches per update
+  c.max_eval_batches = 0           # 0: the whole eval split
+
+  # keys checked against the model's fields
+  c.model = model_config(model, **model_fields) if model else ml_collections.ConfigDict()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ''                 # a TFDS name, 'mnist_idx' or 'synthetic_linear'
+  c.data.data_dir = ''             # TFDS data_dir; '' = TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.download = True           # let TFDS download and prepare a missing dataset
+  c.data.path = ''                 # mnist_idx: folder with the IDX files
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.mean = (0.0,)             # after scaling uint8 images to [0, 1]
+  c.data.std = (1.0,)
+  c.data.crop_padding = 0          # random crop after zero-padding by this many pixels
+  c.data.random_flip = False
+  c.data.num_examples = 1000       # synthetic_linear
+  c.data.slope = 2.0
+  c.data.intercept = 0.0
+  c.data.noise = 0.1
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adam'        # sgd | adam | adamw
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = 'constant'  # constant | warmup_cosine | piecewise
+  c.optimizer.warmup_steps = 0
+  c.optimizer.min_learning_rate = 0.0  # warmup_cosine: the final learning rate
+  c.optimizer.boundaries = (0.5, 0.75)  # piecewise: fractions of total_steps
+  c.optimizer.scales = (0.1, 0.1)
+  c.optimizer.momentum = 0.9       # sgd
+  c.optimizer.nesterov = False
+  c.optimizer.b1 = 0.9             # adam, adamw
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0   # never applied to biases and norm scales
+  c.optimizer.grad_clip_norm = 0.0  # 0: no clipping
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.mode = 'jit'          # jit (a device mesh) | pmap
+  c.lock()
+  return c
+
+
+def _flat_keys(config, prefix=''):
+  for key, value in config.items():
+    path = prefix + key
+    if isinstance(value, ml_collections.ConfigDict) and key != 'model':
+      yield from _flat_keys(value, path + '.')
+    else:
+      yield path
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns defaults() updated with `config`; raises ValueError on unknown or missing keys."""
+  known = set(_flat_keys(defaults()))
+  given = set(_flat_keys(config))
+  for key in sorted(given - known):
+    hint = difflib.get_close_matches(key, known, n=1)
+    raise ValueError(f'Unknown config key config.{key}'
+                     + (f' (did you mean config.{hint[0]}?)' if hint else '')
+                     + '. Known keys are listed in research/config.py.')
+  for key in REQUIRED:
+    node = config
+    for part in key.split('.'):
+      if part not in node:
+        raise ValueError(f'The experiment does not set config.{key}; every experiment must set '
+                         f'{", ".join(REQUIRED)}.')
+      node = node[part]
+  resolved = defaults()
+  model = config.model
+  with resolved.unlocked(), resolved.model.unlocked():
+    resolved.update(config)  # recursive for nested ConfigDicts
+    resolved.model = ml_collections.ConfigDict(model.to_dict())
+  models.check_config(resolved.model)
+  for key in ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+              'batch_size', 'grad_accum_steps'):
+    if not isinstance(resolved[key], int) or resolved[key] < 1:
+      raise ValueError(f'config.{key} must be a positive integer, got {resolved[key]!r}.')
+  return resolved
+
+
+def parse_arg(arg: str | None, allowed=('cpu',)) -> set[str]:
+  """`--config=experiments/X.py:cpu` -> {'cpu'}; comma-separated; unknown options fail."""
+  options = set(filter(None, (arg or '').split(',')))
+  unknown = options - set(allowed)
+  if unknown:
+    raise ValueError(f'Unknown experiment argument(s) {sorted(unknown)}; this experiment '
+                     f'accepts {list(allowed)}.')
+  return options

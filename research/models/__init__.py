@@ -1,0 +1,63 @@
+"""Model registry: `config.model.name` -> a Flax Linen module class.
+
+Every other key of `config.model` must be a field of that module's dataclass;
+a misspelt key is an error that names the valid ones.
+"""
+import dataclasses
+import difflib
+import importlib
+
+from flax import linen as nn
+import jax.numpy as jnp
+
+# name -> "module:Class", imported on first use so that an image experiment never imports
+# the transformer code and vice versa.
+MODELS = {
+    'mlp': 'research.models.mlp:MLP',
+    'lenet5': 'research.models.cnn:LeNet5',
+    'mnist_cnn': 'research.models.cnn:MnistCNN',
+    'resnet': 'research.models.cnn:ResNet',
+    'gpt': 'research.models.transformer:GPT',
+}
+
+_NOT_FIELDS = ('parent', 'name')
+
+
+def model_class(name: str) -> type[nn.Module]:
+  if name not in MODELS:
+    hint = difflib.get_close_matches(name, MODELS, n=1)
+    raise ValueError(
+        f'config.model.name={name!r} is not a known model'
+        + (f' (did you mean {hint[0]!r}?)' if hint else '')
+        + f'; known models: {sorted(MODELS)}.')
+  module, cls = MODELS[name].split(':')
+  return getattr(importlib.import_module(module), cls)
+
+
+def model_fields(name: str) -> list[str]:
+  return [f.name for f in dataclasses.fields(model_class(name))
+          if f.init and f.name not in _NOT_FIELDS]
+
+
+def check_config(model_config, extra=()):
+  """Raises a ValueError naming any key of `config.model` that is not a field of the model."""
+  fields = model_fields(model_config.name)
+  for key in list(model_config.keys()) + list(extra):
+    if key != 'name' and key not in fields:
+      hint = difflib.get_close_matches(key, fields, n=1)
+      raise ValueError(
+          f'config.model.{key} is not a field of model {model_config.name!r}'
+          + (f' (did you mean config.model.{hint[0]}?)' if hint else '')
+          + f'; its fields are {fields}.')
+
+
+def build_model(model_config, **overrides) -> nn.Module:
+  """Builds `config.model` into a module; `overrides` are set by the trainer (e.g. dtype)."""
+  check_config(model_config, extra=overrides)
+  kwargs = {k: v for k, v in model_config.items() if k != 'name'}
+  kwargs.update(overrides)
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  for key in ('dtype', 'param_dtype'):
+    if isinstance(kwargs.get(key), str):
+      kwargs[key] = jnp.dtype(kwargs[key])
+  return model_class(model_config.name)(**kwargs)

@@ -1,0 +1,96 @@
+"""Convolutional networks for MNIST and CIFAR-10: LeNet-5, the small Keras MNIST CNN, ResNet."""
+import functools
+from typing import Any, Sequence
+
+from flax import linen as nn
+import jax.numpy as jnp
+
+
+class LeNet5(nn.Module):
+  """LeNet-5 style: conv 6@5x5 -> pool -> conv 16@5x5 -> pool -> dense 120 -> 84 -> classes."""
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding='VALID', dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    x = x.astype(self.dtype)
+    x = nn.max_pool(nn.relu(conv(6)(x)), (2, 2), strides=(2, 2))
+    x = nn.max_pool(nn.relu(conv(16)(x)), (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(dense(120)(x))
+    x = nn.relu(dense(84)(x))
+    return dense(self.num_classes)(x).astype(jnp.float32)
+
+
+class MnistCNN(nn.Module):
+  """The Keras/TensorFlow-tutorial MNIST CNN: conv 32-64-64 3x3 with 2x2 pooling, dense 64."""
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding='VALID', dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    x = x.astype(self.dtype)
+    x = nn.max_pool(nn.relu(conv(32)(x)), (2, 2), strides=(2, 2))
+    x = nn.max_pool(nn.relu(conv(64)(x)), (2, 2), strides=(2, 2))
+    x = nn.relu(conv(64)(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(dense(64)(x))
+    return dense(self.num_classes)(x).astype(jnp.float32)
+
+
+class ResidualBlock(nn.Module):
+  """Two 3x3 convolutions with BatchNorm and an identity (or 1x1 projection) shortcut."""
+  features: int
+  strides: int
+  norm: Any
+  conv: Any
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(self.norm()(self.conv(self.features, (3, 3), (self.strides,) * 2)(x)))
+    y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.features, (3, 3))(y))
+    if x.shape != y.shape:
+      x = self.norm()(self.conv(self.features, (1, 1), (self.strides,) * 2)(x))
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet for 32x32 images (He et al. 2016, CIFAR stem: one 3x3 conv, no max-pool).
+
+  The defaults are ResNet-18: stages of (2, 2, 2, 2) blocks, widths 64-128-256-512, 11.2M
+  parameters. BatchNorm uses batch statistics when `train=True` (updating the running
+  averages in the 'batch_stats' collection) and the running averages when `train=False`.
+  `bn_axis_name` is set by the trainer under pmap so batch statistics cover the global batch.
+  """
+  num_classes: int = 10
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  width: int = 64
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             kernel_init=nn.initializers.kaiming_normal())
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
+                             param_dtype=self.param_dtype, axis_name=self.bn_axis_name)
+    x = nn.relu(norm()(conv(self.width, (3, 3))(x.astype(self.dtype))))
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = ResidualBlock(self.width * 2**i, strides, norm, conv)(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype,
+                    param_dtype=self.param_dtype)(x).astype(jnp.float32)

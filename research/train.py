@@ -1,0 +1,202 @@
+"""train_and_evaluate(config, workdir): the training loop, read top to bottom.
+
+config -> data + model + optimizer -> state -> compiled steps -> metrics and checkpoints.
+Relaunching with the same workdir resumes from the newest checkpoint at the same step, with
+the same data order (a pure function of seed and step) and the same dropout randomness
+(`fold_in(seed, step)` inside the step).
+"""
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from research import checkpoint
+from research import config as config_lib
+from research import metrics as metrics_lib
+from research import models
+from research import optim
+from research import parallel
+from research import steps
+from research import writer as writer_lib
+from research.data import image
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before the first step runs."""
+  config: ml_collections.ConfigDict
+  data: Any
+  model: Any
+  schedule: Any
+  compiled: parallel.Compiled
+  ckpt: Any
+  init_rng: jax.Array  # parameter initialisation
+  rng: jax.Array       # folded with the step inside train_step (dropout, augmentation)
+  num_classes: int
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  """Validates the config and builds data, model, optimizer and compiled steps (lazily)."""
+  config = config_lib.resolve(config)
+  parallel.check_batch_size(config.batch_size, config.grad_accum_steps)
+  data = image.build(config.data, config.batch_size, config.seed, jax.process_index(),
+                     jax.process_count())
+  if config.loss == 'cross_entropy' and not data.num_classes:
+    raise ValueError(f'config.loss=cross_entropy needs class labels, but {config.data.name!r} '
+                     'has none; use config.loss=mse.')
+  num_classes = data.num_classes if config.loss == 'cross_entropy' else 0
+  overrides = {}
+  if config.parallel.mode == 'pmap' and 'bn_axis_name' in models.model_fields(config.model.name):
+    overrides['bn_axis_name'] = parallel.PMAP_AXIS  # BatchNorm statistics over all devices
+  model = models.build_model(config.model, **overrides)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  preprocess = image.make_preprocess(config.data)
+  example = jnp.zeros((1, *data.input_shape), jnp.float32)
+
+  def make_steps(axis_name):
+    return steps.make_steps(model, tx, loss=config.loss, preprocess=preprocess,
+                            num_classes=num_classes, label_smoothing=config.label_smoothing,
+                            grad_accum_steps=config.grad_accum_steps, axis_name=axis_name)
+
+  compiled = parallel.compile_steps(
+      config.parallel.mode, parallel.make_mesh(),
+      lambda rng: steps.init_state(model, tx, rng, example), make_steps)
+  ckpt = checkpoint.manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
+  init_rng, rng = jax.random.split(jax.random.key(config.seed))
+  return Experiment(config, data, model, schedule, compiled, ckpt, init_rng, rng, num_classes)
+
+
+def restore_or_init(exp: Experiment):
+  """Returns (state in the steps' layout, step): the newest checkpoint, else a fresh init."""
+  abstract = jax.eval_shape(exp.compiled.init_state, exp.init_rng)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.compiled.state_sharding),
+      abstract)
+  state, step = checkpoint.restore_latest(exp.ckpt, abstract)
+  if state is None:
+    state, step = exp.compiled.init_state(exp.init_rng), 0
+  return exp.compiled.put_state(state), step
+
+
+def evaluate_state(exp: Experiment, state) -> tuple[dict, np.ndarray | None]:
+  """Loss (and accuracy, macro precision/recall/F1) over the whole eval split."""
+  totals = None
+  for i, batch in enumerate(image.prefetch(exp.data.eval_batches)):
+    if exp.config.max_eval_batches and i >= exp.config.max_eval_batches:
+      break
+    sums = exp.compiled.get_metrics(exp.compiled.eval_step(state, exp.compiled.put_batch(batch)))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  result = {'loss': float(totals['loss_sum'] / totals['count']),
+            'num_examples': float(totals['count'])}
+  confusion = totals.get('confusion')
+  if confusion is not None:
+    result.update(metrics_lib.classification_report(confusion))
+  return result, confusion
+
+
+def _write_eval(exp, writer, workdir, step, result, confusion):
+  writer.write(step, 'eval', result)
+  writer.log(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+  if confusion is not None and jax.process_index() == 0:
+    np.savetxt(os.path.join(workdir, 'confusion_matrix.csv'), confusion, fmt='%d',
+               delimiter=',', header=f'step {step}; rows: true class, columns: predicted')
+
+
+def _write_train(exp, writer, step, window, seconds):
+  """Averages a window of per-step metrics (fetched here, one step after they were made)."""
+  values = {k: float(np.mean(v)) for k, v in jax.device_get(
+      jax.tree.map(lambda *xs: jnp.stack(xs), *window)).items()}
+  if not np.isfinite(values['loss']):
+    raise FloatingPointError(
+        f'The training loss is {values["loss"]} in the {len(window)} steps up to step {step}. '
+        f'The last checkpoint is step {exp.ckpt.latest_step()} in {exp.ckpt.directory}; lower '
+        'config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.')
+  values['learning_rate'] = float(exp.schedule(step - 1))
+  values['examples_per_sec'] = len(window) * exp.config.batch_size / seconds
+  writer.write(step, 'train', values)
+  writer.log(writer_lib.progress_line(step, exp.config.total_steps, values,
+                                      seconds / len(window)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval."""
+  exp = setup(config, workdir)
+  config = exp.config
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  writer = writer_lib.MetricWriter(workdir, enabled=is_main)
+  state, start = restore_or_init(exp)
+  num_params = sum(x.size for x in jax.tree.leaves(exp.compiled.get_state(state).params))
+  writer.log(f'{config.model.name}: {num_params:,} parameters; {jax.device_count()} devices '
+             f'({jax.devices()[0].device_kind}), parallel.mode={config.parallel.mode}; '
+             + (f'resuming from step {start}' if start else 'starting from scratch')
+             + f'; workdir {workdir}')
+  result = {}
+  if start >= config.total_steps:
+    writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} steps).')
+  train_iter = image.prefetch(exp.data.train, start)
+  window, pending = [], None
+  last_write = time.time()
+  for step in range(start, config.total_steps):
+    batch = exp.compiled.put_batch(next(train_iter))
+    state, metrics = exp.compiled.train_step(state, batch, exp.rng)
+    window.append(exp.compiled.get_metrics(metrics))
+    done = step + 1
+    if step == start:  # the one sync outside logging: report the compilation time
+      jax.block_until_ready(metrics)
+      writer.log(f'first step (compilation included) took {time.time() - last_write:.1f}s')
+      window, last_write = [], time.time()
+    if pending:  # last window's metrics, fetched now that the next step is queued
+      _write_train(exp, writer, *pending, time.time() - last_write)
+      pending, last_write = None, time.time()
+    if window and (done % config.log_every_steps == 0 or done == config.total_steps):
+      pending, window = (done, window), []
+    is_eval = done % config.eval_every_steps == 0 or done == config.total_steps
+    if is_eval or done % config.checkpoint_every_steps == 0:
+      if pending:
+        _write_train(exp, writer, *pending, time.time() - last_write)
+        pending, last_write = None, time.time()
+      checkpoint.save(exp.ckpt, done, exp.compiled.get_state(state),
+                      force=done == config.total_steps)
+    if is_eval:
+      result, confusion = evaluate_state(exp, state)
+      _write_eval(exp, writer, workdir, done, result, confusion)
+      last_write = time.time()
+  exp.ckpt.wait_until_finished()
+  _report_tiny_model(writer, exp.compiled.get_state(state).params, num_params)
+  writer.close()
+  return result
+
+
+def _report_tiny_model(writer, params, num_params):
+  """Prints the learned weights of very small models (e.g. linear regression's w and b)."""
+  if num_params <= 16:
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    writer.log('learned parameters: ' + ', '.join(
+        f'{jax.tree_util.keystr(path, simple=True, separator="/")}='
+        + ' '.join(f'{x:.4f}' for x in np.asarray(v).ravel())
+        for path, v in flat))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Evaluates the newest checkpoint in `workdir` on the eval split."""
+  exp = setup(config, workdir)
+  if exp.ckpt.latest_step() is None:
+    raise FileNotFoundError(f'No checkpoint in {exp.ckpt.directory}: train first, or pass the '
+                            '--workdir of a trained run.')
+  state, step = restore_or_init(exp)
+  writer = writer_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  result, confusion = evaluate_state(exp, state)
+  _write_eval(exp, writer, workdir, step, result, confusion)
+  writer.close()
+  return result

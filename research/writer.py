@@ -1,0 +1,49 @@
+"""Where metrics go: the console, WORKDIR/metrics.jsonl and TensorBoard event files."""
+import json
+import os
+import time
+
+import numpy as np
+
+
+class MetricWriter:
+  """Writes one record per (step, split). Only process 0 writes; the others are no-ops."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+
+  def write(self, step: int, split: str, metrics: dict):
+    if not self.enabled:
+      return
+    metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    record = {'step': int(step), 'split': split, **metrics, 'time': time.time()}
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    for name, value in metrics.items():
+      self._tb.add_scalar(f'{split}/{name}', value, step)
+
+  def log(self, message: str):
+    if self.enabled:
+      print(message, flush=True)
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def progress_line(step: int, total: int, metrics: dict, seconds_per_step: float) -> str:
+  eta = int(seconds_per_step * (total - step))
+  parts = [f'step {step}/{total}']
+  parts += [f'{k} {v:.4g}' for k, v in metrics.items()
+            if k not in ('examples_per_sec', 'learning_rate')]
+  if 'examples_per_sec' in metrics:
+    parts.append(f'{metrics["examples_per_sec"]:,.0f} ex/s')
+  parts.append(f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
+  return ' | '.join(parts)
