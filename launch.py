@@ -5,6 +5,7 @@
   python launch.py --config=experiments/mnist_cnn.py --workdir=runs/mine --mode=eval
 """
 import os
+import sys
 import time
 
 from absl import app
@@ -33,11 +34,15 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # Orbax logs every save at INFO; --verbosity=0 shows it
     logging.set_verbosity(logging.WARNING)
   from research import train  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)
+  from research.data.image import DataError  # pylint: disable=g-import-not-at-top
   workdir = FLAGS.workdir or default_workdir()
-  if FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, workdir)
-  else:
-    train.evaluate(FLAGS.config, workdir)
+  try:
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(FLAGS.config, workdir)
+    else:
+      train.evaluate(FLAGS.config, workdir)
+  except DataError as e:  # the message says what to do; a traceback would only hide it
+    sys.exit(f'DataError: {e}')
 
 
 if __name__ == '__main__':

@@ -89,6 +89,7 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.mode = 'jit'          # jit (a device mesh) | pmap
+  c.parallel.num_devices = 0       # 0: every device of every process
   c.lock()
   return c
 

@@ -18,22 +18,31 @@ import numpy as np
 PMAP_AXIS = 'batch'
 
 
-def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ('data',))
+def devices(num_devices: int = 0) -> list:
+  """All devices of all processes, or the first `num_devices` (single-process only)."""
+  if not num_devices:
+    return jax.devices()
+  if jax.process_count() > 1 or num_devices > jax.device_count():
+    raise ValueError(f'config.parallel.num_devices={num_devices}, but there are '
+                     f'{jax.device_count()} devices in {jax.process_count()} process(es); use 0 '
+                     '(all devices) or a number of this process\'s devices.')
+  return jax.devices()[:num_devices]
 
 
-def check_batch_size(batch_size: int, grad_accum_steps: int = 1):
+def make_mesh(num_devices: int = 0) -> Mesh:
+  return Mesh(np.asarray(devices(num_devices)), ('data',))
+
+
+def check_batch_size(batch_size: int, grad_accum_steps: int = 1, num_devices: int = 0):
   """Fails before any compilation when the global batch cannot be split evenly."""
-  devices, processes = jax.device_count(), jax.process_count()
-  if batch_size % devices:
+  n = len(devices(num_devices))
+  if batch_size % n:
     raise ValueError(
-        f'config.batch_size={batch_size} is not divisible by the number of devices '
-        f'({devices}); use a multiple of {devices}, e.g. {max(1, batch_size // devices) * devices}.')
-  if batch_size % (devices * grad_accum_steps):
-    raise ValueError(
-        f'config.batch_size={batch_size} must be divisible by devices x '
-        f'config.grad_accum_steps = {devices} x {grad_accum_steps}.')
-  assert batch_size % processes == 0  # implied: each process has the same number of devices
+        f'config.batch_size={batch_size} is not divisible by the number of devices ({n}); '
+        f'use a multiple of {n}, e.g. {max(1, batch_size // n) * n}.')
+  if batch_size % (n * grad_accum_steps):
+    raise ValueError(f'config.batch_size={batch_size} must be divisible by devices x '
+                     f'config.grad_accum_steps = {n} x {grad_accum_steps}.')
 
 
 @dataclasses.dataclass
@@ -67,14 +76,14 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
         get_metrics=lambda metrics: metrics, state_sharding=replicated)
   if mode == 'pmap':
     train_step, eval_step = make_steps(PMAP_AXIS)
-    devices = jax.local_devices()
+    devices = list(mesh.devices.flat)
     shard = lambda x: x.reshape(len(devices), -1, *x.shape[1:])
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     return Compiled(
         init_state=init_state,
         train_step=jax.pmap(train_step, axis_name=PMAP_AXIS, in_axes=(0, 0, None),
-                            donate_argnums=0),
-        eval_step=jax.pmap(eval_step, axis_name=PMAP_AXIS),
+                            donate_argnums=0, devices=devices),
+        eval_step=jax.pmap(eval_step, axis_name=PMAP_AXIS, devices=devices),
         put_batch=lambda batch: jax.tree.map(shard, batch),
         put_state=lambda state: jax.device_put_replicated(state, devices),
         get_state=lambda state: jax.device_put(first(state), replicated),

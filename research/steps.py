@@ -102,7 +102,7 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
     grads, metrics = mean(grads), mean(metrics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)
     return new_state, metrics

@@ -44,7 +44,8 @@ class Experiment:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Validates the config and builds data, model, optimizer and compiled steps (lazily)."""
   config = config_lib.resolve(config)
-  parallel.check_batch_size(config.batch_size, config.grad_accum_steps)
+  parallel.check_batch_size(config.batch_size, config.grad_accum_steps,
+                           config.parallel.num_devices)
   data = image.build(config.data, config.batch_size, config.seed, jax.process_index(),
                      jax.process_count())
   if config.loss == 'cross_entropy' and not data.num_classes:
@@ -65,7 +66,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                             grad_accum_steps=config.grad_accum_steps, axis_name=axis_name)
 
   compiled = parallel.compile_steps(
-      config.parallel.mode, parallel.make_mesh(),
+      config.parallel.mode, parallel.make_mesh(config.parallel.num_devices),
       lambda rng: steps.init_state(model, tx, rng, example), make_steps)
   ckpt = checkpoint.manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
@@ -109,7 +110,20 @@ def _write_eval(exp, writer, workdir, step, result, confusion):
                delimiter=',', header=f'step {step}; rows: true class, columns: predicted')
 
 
-def _write_train(exp, writer, step, window, seconds):
+class _Clock:
+  """Counts steps and seconds between metric writes, for examples/s and the ETA."""
+
+  def __init__(self):
+    self.restart()
+
+  def restart(self):
+    self.start, self.steps = time.time(), 0
+
+  def seconds_per_step(self, fallback_steps: int) -> float:
+    return (time.time() - self.start) / max(self.steps or fallback_steps, 1)
+
+
+def _write_train(exp, writer, step, window, clock):
   """Averages a window of per-step metrics (fetched here, one step after they were made)."""
   values = {k: float(np.mean(v)) for k, v in jax.device_get(
       jax.tree.map(lambda *xs: jnp.stack(xs), *window)).items()}
@@ -118,11 +132,12 @@ def _write_train(exp, writer, step, window, seconds):
         f'The training loss is {values["loss"]} in the {len(window)} steps up to step {step}. '
         f'The last checkpoint is step {exp.ckpt.latest_step()} in {exp.ckpt.directory}; lower '
         'config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.')
+  seconds_per_step = clock.seconds_per_step(len(window))
   values['learning_rate'] = float(exp.schedule(step - 1))
-  values['examples_per_sec'] = len(window) * exp.config.batch_size / seconds
+  values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
   writer.write(step, 'train', values)
-  writer.log(writer_lib.progress_line(step, exp.config.total_steps, values,
-                                      seconds / len(window)))
+  writer.log(writer_lib.progress_line(step, exp.config.total_steps, values, seconds_per_step))
+  clock.restart()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -145,8 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start >= config.total_steps:
     writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} steps).')
   train_iter = image.prefetch(exp.data.train, start)
-  window, pending = [], None
-  last_write = time.time()
+  window, pending = [], None  # metrics of the steps since the last write; the window to write
+  clock = _Clock()
   for step in range(start, config.total_steps):
     batch = exp.compiled.put_batch(next(train_iter))
     state, metrics = exp.compiled.train_step(state, batch, exp.rng)
@@ -154,24 +169,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     done = step + 1
     if step == start:  # the one sync outside logging: report the compilation time
       jax.block_until_ready(metrics)
-      writer.log(f'first step (compilation included) took {time.time() - last_write:.1f}s')
-      window, last_write = [], time.time()
-    if pending:  # last window's metrics, fetched now that the next step is queued
-      _write_train(exp, writer, *pending, time.time() - last_write)
-      pending, last_write = None, time.time()
-    if window and (done % config.log_every_steps == 0 or done == config.total_steps):
+      writer.log(f'first step (compilation included) took {time.time() - clock.start:.1f}s')
+      clock.restart()
+    else:
+      clock.steps += 1
+    if pending:  # the last window's metrics, fetched now that the next step is queued
+      _write_train(exp, writer, *pending, clock)
+      pending = None
+    if done % config.log_every_steps == 0 or done == config.total_steps:
       pending, window = (done, window), []
     is_eval = done % config.eval_every_steps == 0 or done == config.total_steps
     if is_eval or done % config.checkpoint_every_steps == 0:
       if pending:
-        _write_train(exp, writer, *pending, time.time() - last_write)
-        pending, last_write = None, time.time()
+        _write_train(exp, writer, *pending, clock)
+        pending = None
       checkpoint.save(exp.ckpt, done, exp.compiled.get_state(state),
                       force=done == config.total_steps)
     if is_eval:
       result, confusion = evaluate_state(exp, state)
       _write_eval(exp, writer, workdir, done, result, confusion)
-      last_write = time.time()
+      clock.restart()
   exp.ckpt.wait_until_finished()
   _report_tiny_model(writer, exp.compiled.get_state(state).params, num_params)
   writer.close()

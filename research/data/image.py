@@ -168,14 +168,14 @@ def tfds_source(name: str, split: str, data_dir: str | None, download: bool,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   open_split = lambda: tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   try:
-    source = open_split()
-  except tfds.core.registered.DatasetNotFoundError as e:
+    return _RenameSource(open_split(), image_key, label_key)
+  except tfds.core.registered.DatasetNotFoundError:
     raise DataError(f'config.data.name={name!r} is not a TFDS dataset '
-                    '(see https://www.tensorflow.org/datasets/catalog).') from e
+                    '(see https://www.tensorflow.org/datasets/catalog).') from None
   except Exception as e:  # pylint: disable=broad-except
-    _prepare(name, data_dir, download, e)
-    source = open_split()
-  return _RenameSource(source, image_key, label_key)
+    failure = e
+  _prepare(name, data_dir, download, failure)  # outside `except`: no TFDS traceback attached
+  return _RenameSource(open_split(), image_key, label_key)
 
 
 def tfds_num_classes(name: str, data_dir: str | None, label_key='label') -> int:

@@ -1,0 +1,202 @@
+"""The real train_and_evaluate / evaluate / launch.py, on mocked TFDS data and synthetic data."""
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from research import parallel
+from research import train
+from research.data import image
+from tests.conftest import ROOT
+
+EXPERIMENTS = ['mnist_mlp', 'mnist_cnn', 'cifar10_lenet', 'cifar10_resnet', 'linear_regression']
+
+
+def cpu_config(name, **overrides):
+  config = importlib.import_module(f'experiments.{name}').get_config('cpu')
+  config.total_steps, config.log_every_steps = 3, 1
+  config.eval_every_steps = config.checkpoint_every_steps = 3
+  config.batch_size = 16
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_every_experiment_trains_and_evaluates(name, tmp_path):
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    result = train.train_and_evaluate(cpu_config(name), str(tmp_path))
+  records = read_metrics(tmp_path)
+  train_lines = [r for r in records if r['split'] == 'train']
+  assert [r["step"] for r in train_lines] == [1, 2, 3]
+  assert all(np.isfinite(r['loss']) and r['examples_per_sec'] > 0 for r in train_lines)
+  eval_line = [r for r in records if r['split'] == 'eval'][-1]
+  assert eval_line['step'] == 3 and eval_line['loss'] == pytest.approx(result['loss'])
+  assert result['num_examples'] == (40 if name != 'linear_regression' else 1000)
+  if name != 'linear_regression':
+    assert {'accuracy', 'precision', 'recall', 'f1'} <= set(result)
+    confusion = np.loadtxt(tmp_path / 'confusion_matrix.csv', delimiter=',')
+    assert confusion.shape == (10, 10) and confusion.sum() == 40
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['name']
+  assert os.listdir(tmp_path / 'tensorboard')
+  assert os.path.isdir(tmp_path / 'checkpoints' / '3')
+
+
+def final_params(config, workdir):
+  exp = train.setup(config, workdir)
+  state, step = train.restore_or_init(exp)
+  return step, jax.device_get(exp.compiled.get_state(state).params)
+
+
+def test_resume_is_exact(tmp_path):
+  """2N steps straight == N steps, an interruption, and a relaunch for the other N."""
+  config = cpu_config('mnist_mlp', total_steps=8, checkpoint_every_steps=4,
+                      eval_every_steps=8, log_every_steps=1)
+  config.optimizer.schedule, config.optimizer.warmup_steps = 'warmup_cosine', 2  # schedule position
+  config.model.dropout_rate = 0.3                                                 # dropout rng
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    train.train_and_evaluate(config, straight)
+    # The "interrupted" run: everything the straight run had written up to step 4.
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(os.path.join(resumed, 'checkpoints', '8'))
+    with open(os.path.join(resumed, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+      f.writelines(json.dumps(r) + '\n' for r in read_metrics(straight) if r['step'] <= 4)
+    assert final_params(config, resumed)[0] == 4
+    train.train_and_evaluate(config, resumed)
+    (step_a, params_a), (step_b, params_b) = (final_params(config, d) for d in (straight, resumed))
+  assert step_a == step_b == 8
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in ('time', 'examples_per_sec')}
+                      for r in rs if r['step'] > 4]
+  after_a, after_b = strip(read_metrics(straight)), strip(read_metrics(resumed))
+  assert len(after_a) == 5 and after_a == after_b  # train steps 5-8 and the eval at 8
+
+
+def test_eval_mode_matches_final_eval_and_finished_run_does_not_retrain(tmp_path, capsys):
+  config = cpu_config('mnist_cnn')
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    trained = train.train_and_evaluate(config, str(tmp_path))
+    evaluated = train.evaluate(config, str(tmp_path))
+    lines_before = len(read_metrics(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path))
+  assert evaluated == pytest.approx(trained)
+  assert 'already finished' in capsys.readouterr().out
+  assert len(read_metrics(tmp_path)) == lines_before
+
+
+def test_evaluate_without_checkpoint_says_so(tmp_path):
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(FileNotFoundError, match='No checkpoint'):
+      train.evaluate(cpu_config('mnist_cnn'), str(tmp_path))
+
+
+@pytest.fixture
+def no_compilation(monkeypatch):
+  """Makes building the compiled steps fail, to show an error comes before any compilation."""
+  def fail(*args, **kwargs):
+    raise AssertionError('compile_steps was reached')
+  monkeypatch.setattr(parallel, 'compile_steps', fail)
+
+
+def test_unknown_config_key_fails_before_compilation(tmp_path, no_compilation):
+  config = cpu_config('mnist_cnn')
+  with config.unlocked():
+    config.optimizer.learning_rte = 0.1
+  with pytest.raises(ValueError, match=r'config\.optimizer\.learning_rte.*learning_rate'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_batch_size_not_divisible_by_devices_fails_before_compilation(tmp_path, no_compilation):
+  assert jax.device_count() == 8
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(ValueError, match=r'config\.batch_size=12 .* devices \(8\)'):
+      train.train_and_evaluate(cpu_config('mnist_cnn', batch_size=12), str(tmp_path))
+
+
+def test_unprepared_dataset_fails_before_compilation(tmp_path, no_compilation):
+  config = cpu_config('mnist_cnn', **{'data.data_dir': str(tmp_path / 'tfds'),
+                                      'data.download': False})
+  with pytest.raises(image.DataError, match=r"(?s)'mnist' is not prepared in .*tfds.*tfds build mnist"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def run_launch(*args, mock_tfds=False, cwd=ROOT):
+  """Runs launch.py in a fresh interpreter (under TFDS mock data if asked)."""
+  if mock_tfds:
+    code = ('import sys, runpy, tensorflow_datasets as tfds\n'
+            'sys.argv = ["launch.py"] + sys.argv[1:]\n'
+            'with tfds.testing.mock_data(num_examples=40, '
+            'policy=tfds.testing.MockPolicy.USE_CODE):\n'
+            '  runpy.run_path("launch.py", run_name="__main__")\n')
+    command = [sys.executable, '-c', code, *args]
+  else:
+    command = [sys.executable, 'launch.py', *args]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_launch_trains_resumes_and_evaluates(tmp_path):
+  workdir = str(tmp_path / 'run')
+  args = ['--config=experiments/linear_regression.py:cpu', f'--workdir={workdir}',
+          '--config.total_steps=40', '--config.log_every_steps=10',
+          '--config.eval_every_steps=20', '--config.checkpoint_every_steps=20']
+  first = run_launch(*args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'learned parameters: Dense_0/bias=' in first.stdout
+  assert 'starting from scratch' in first.stdout
+  config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert config['total_steps'] == 40 and config['data']['name'] == 'synthetic_linear'
+  more = run_launch(*args[:-4], '--config.total_steps=60', '--config.log_every_steps=10',
+                    '--config.eval_every_steps=20', '--config.checkpoint_every_steps=20')
+  assert more.returncode == 0, more.stderr[-3000:]
+  assert 'resuming from step 40' in more.stdout
+  assert [r['step'] for r in read_metrics(workdir) if r['split'] == 'eval'] == [20, 40, 60]
+  evaluated = run_launch(*args, '--mode=eval')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert 'eval at step 60' in evaluated.stdout
+
+
+def test_launch_with_tfds_and_a_config_argument(tmp_path):
+  result = run_launch('--config=experiments/mnist_cnn.py:cpu', f'--workdir={tmp_path}',
+                      '--config.total_steps=4', '--config.batch_size=8',
+                      '--config.optimizer.learning_rate=0.01', mock_tfds=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'eval at step 4' in result.stdout
+  assert json.loads((tmp_path / 'config.json').read_text())['optimizer']['learning_rate'] == 0.01
+
+
+def test_launch_rejects_an_unknown_override(tmp_path):
+  result = run_launch('--config=experiments/mnist_cnn.py:cpu', f'--workdir={tmp_path}',
+                      '--config.optimizer.learning_rte=0.1')
+  assert result.returncode != 0
+  assert 'learning_rte' in result.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_launch_explains_a_dataset_it_cannot_download(tmp_path):
+  """Offline, the default (download=True) fails fast with instructions, no traceback."""
+  if image._network_reachable():  # pylint: disable=protected-access
+    pytest.skip('this machine has network: the test would download cifar10')
+  result = run_launch('--config=experiments/cifar10_lenet.py:cpu', f'--workdir={tmp_path}/run',
+                      f'--config.data.data_dir={tmp_path}/tfds')
+  assert result.returncode == 1
+  assert "DataError: TFDS dataset 'cifar10' is not prepared" in result.stderr
+  assert 'tfds build cifar10' in result.stderr and str(tmp_path / 'tfds') in result.stderr
+  assert 'Traceback' not in result.stderr
