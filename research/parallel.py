@@ -12,6 +12,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
@@ -77,7 +78,10 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
   if mode == 'pmap':
     train_step, eval_step = make_steps(PMAP_AXIS)
     devices = list(mesh.devices.flat)
-    shard = lambda x: x.reshape(len(devices), -1, *x.shape[1:])
+    n = len(devices)
+    stacked = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+    shard = lambda x: jax.device_put(x.reshape(n, -1, *x.shape[1:]), stacked)
+    replicate = lambda x: jax.device_put(jnp.broadcast_to(x, (n, *x.shape)), stacked)
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
     return Compiled(
         init_state=init_state,
@@ -85,7 +89,7 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
                             donate_argnums=0, devices=devices),
         eval_step=jax.pmap(eval_step, axis_name=PMAP_AXIS, devices=devices),
         put_batch=lambda batch: jax.tree.map(shard, batch),
-        put_state=lambda state: jax.device_put_replicated(state, devices),
+        put_state=lambda state: jax.tree.map(replicate, state),
         get_state=lambda state: jax.device_put(first(state), replicated),
         get_metrics=first, state_sharding=replicated)
   raise ValueError(f'config.parallel.mode={mode!r}: use jit or pmap.')
