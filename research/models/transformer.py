@@ -1,0 +1,212 @@
+"""GPT-2: a decoder-only Transformer language model in Flax Linen, with a KV cache for sampling.
+
+Pre-LayerNorm blocks (causal self-attention, then a 4x GELU MLP), learned position embeddings,
+and an output head tied to the token embedding, initialised as in GPT-2. Parameter names follow
+GPT-2 (`wte`, `wpe`, `h_0/ln_1`, `h_0/c_attn`, ...) so that released weights map over by name.
+
+The token embedding has `vocab_size` rounded up to a multiple of 128 rows (GPT-2's 50257 ->
+50304, as in nanoGPT) so that the output matmul tiles well on accelerators. The extra rows are
+never looked up and never predicted: the logits are sliced back to exactly `vocab_size`, so the
+softmax, the loss and sampling never see them (and they receive no gradient).
+
+With `decode=True` each block keeps the keys and values of the tokens seen so far in the 'cache'
+collection (`cached_key`, `cached_value` of shape [batch, block_size, heads, head_dim] and a
+`cache_index`), as in the Flax lm1b example; positions come from the model's own `cache_index`.
+Each call appends its tokens (one, or a whole prompt); the caller keeps the total within
+block_size, as `research/sample.py` does. This works with `scan_layers` too (the cache is then
+stacked on a leading layer axis like the parameters).
+"""
+import math
+from typing import Any
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+SIZES = {
+    'nano': dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    'small': dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),    # GPT-2 124M
+    'medium': dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
+    'large': dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
+    'xl': dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
+}
+ATTENTION = {'xla': None, 'cudnn': 'cudnn', 'reference': 'reference'}
+
+
+def gpt_config(size: str, **overrides) -> dict:
+  """The fields of `GPT` for a named size, e.g. `gpt_config('small', vocab_size=50257)`."""
+  if size not in SIZES:
+    raise ValueError(f'Unknown GPT size {size!r}; known sizes: {list(SIZES)}.')
+  return {**SIZES[size], **overrides}
+
+
+def count_params(params) -> int:
+  """Number of parameters in a pytree of arrays (or of `jax.ShapeDtypeStruct`s)."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> int:
+  """Training FLOPs per token (forward + backward): 6 N + 12 L C T, as in nanoGPT and PaLM.
+
+  `n_params` is N as nanoGPT counts it: all parameters except the position embedding
+  (`count_params(params) - params['wpe']['embedding'].size`). The tied token embedding stays in
+  because it is the output head's matmul. 12 L C T is the attention scores and the weighted sum
+  of values over the full (not causally halved) context of `seq_len` tokens.
+  """
+  return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
+
+def attend(q, k, v, mask, implementation):
+  """Causal multi-head attention; q [B, T, N, H], k and v [B, S, N, H] -> [B, T, N, H].
+
+  `mask` (bool, broadcastable to [B, N, T, S], True = attend) is given when decoding from the
+  cache; None means plain causal attention with T == S.
+  """
+  if implementation == 'reference':
+    if mask is None:
+      mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    scores = jnp.einsum('btnh,bsnh->bnts', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(scores).astype(v.dtype), v)
+  if mask is not None:  # cuDNN's fused kernel wants T == S; decoding uses whichever JAX picks.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
+class KVCache(nn.Module):
+  """Appends this call's keys and values to the cache; returns all of them and the causal mask."""
+  block_size: int
+
+  @nn.compact
+  def __call__(self, k, v):
+    batch, time, heads, head_dim = k.shape
+    initialized = self.has_variable('cache', 'cached_key')
+    shape = (batch, self.block_size, heads, head_dim)
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, shape, k.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, shape, v.dtype)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    if not initialized:  # `init` only builds the empty cache.
+      return k, v, None
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+    index.value = i + time
+    mask = jnp.arange(self.block_size)[None, :] <= i + jnp.arange(time)[:, None]  # [T, S]
+    return cached_k.value, cached_v.value, mask[None, None]
+
+
+class Block(nn.Module):
+  """x + attention(ln_1(x)), then x + mlp(ln_2(x)); called as a scan body: (x, _) -> (x, None)."""
+  n_head: int
+  n_layer: int
+  block_size: int
+  dropout_rate: float
+  use_bias: bool
+  attention: str
+  decode: bool
+  deterministic: bool
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    batch, time, width = x.shape
+    def dense(features, name, std=0.02):
+      return nn.Dense(features, use_bias=self.use_bias, kernel_init=nn.initializers.normal(std),
+                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    def norm(name):
+      return nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)
+    dropout = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)
+    residual_std = 0.02 / math.sqrt(2 * self.n_layer)  # GPT-2's scaled residual projections.
+
+    qkv = dense(3 * width, 'c_attn')(norm('ln_1')(x))
+    q, k, v = jnp.split(qkv.reshape(batch, time, 3, self.n_head, -1), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    mask = None
+    if self.decode:
+      k, v, mask = KVCache(self.block_size, name='cache')(k, v)
+    y = attend(q, k, v, mask, ATTENTION[self.attention]).reshape(batch, time, width)
+    x = x + dropout(dense(width, 'attn_proj', residual_std)(y))
+
+    y = nn.gelu(dense(4 * width, 'c_fc')(norm('ln_2')(x)), approximate=True)
+    x = x + dropout(dense(width, 'mlp_proj', residual_std)(y))
+    return x, None
+
+
+def remat_policy(name: str):
+  """'full' saves nothing; 'dots' (or any `jax.checkpoint_policies` name) saves some matmuls."""
+  if name == 'full':
+    return None
+  name = {'dots': 'dots_with_no_batch_dims_saveable'}.get(name, name)
+  if not hasattr(jax.checkpoint_policies, name):
+    raise ValueError(f"config.model.remat={name!r} is not 'none', 'full', 'dots' or a "
+                     'jax.checkpoint_policies name such as dots_saveable.')
+  return getattr(jax.checkpoint_policies, name)
+
+
+class GPT(nn.Module):
+  """GPT-2 language model: int32 tokens [batch, time] -> float32 logits [batch, time, vocab]."""
+  vocab_size: int = 256
+  block_size: int = 256        # the context length: positions 0 .. block_size - 1
+  n_layer: int = 4
+  n_head: int = 4
+  n_embd: int = 128
+  dropout_rate: float = 0.0    # on the embeddings and on each residual branch
+  use_bias: bool = True        # in the Dense and LayerNorm layers
+  dtype: Any = jnp.float32     # activations and matmuls
+  param_dtype: Any = jnp.float32
+  attention: str = 'xla'       # 'xla' (JAX picks cuDNN flash attention where it can), 'cudnn',
+                               # or 'reference' (explicit einsum + softmax, for tests)
+  remat: str = 'none'          # 'none', 'full', 'dots' or a jax.checkpoint_policies name
+  scan_layers: bool = False    # one nn.scan over the blocks; parameters stacked on axis 0
+  decode: bool = False         # KV-cache mode for sampling; see research/sample.py
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // 128) * 128
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
+    batch, time = tokens.shape
+    if time > self.block_size:
+      raise ValueError(f'Input has {time} tokens but config.model.block_size={self.block_size}.')
+    if self.n_embd % self.n_head:
+      raise ValueError(f'config.model.n_embd={self.n_embd} must be divisible by '
+                       f'config.model.n_head={self.n_head}.')
+    if self.attention not in ATTENTION:
+      raise ValueError(f'config.model.attention={self.attention!r} is not one of '
+                       f'{list(ATTENTION)}.')
+
+    embed = lambda rows, name: nn.Embed(
+        rows, self.n_embd, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+    wte = embed(self.padded_vocab, 'wte')
+    positions = jnp.arange(time)
+    if self.decode:  # Continue from the positions already in the cache.
+      initialized = self.has_variable('cache', 'cache_index')
+      index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+      if initialized:
+        positions, index.value = positions + index.value, index.value + time
+    x = wte(tokens) + embed(self.block_size, 'wpe')(positions)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+    block = Block
+    if self.remat != 'none':
+      block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=not self.scan_layers)
+    kwargs = dict(n_head=self.n_head, n_layer=self.n_layer, block_size=self.block_size,
+                  dropout_rate=self.dropout_rate, use_bias=self.use_bias,
+                  attention=self.attention, decode=self.decode, deterministic=not train,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_layers:
+      blocks = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
+                       split_rngs={'params': True, 'dropout': True}, length=self.n_layer)
+      x, _ = blocks(**kwargs, name='h')(x, None)
+    else:
+      for i in range(self.n_layer):
+        x, _ = block(**kwargs, name=f'h_{i}')(x)
+
+    x = nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='ln_f')(x)
+    logits = wte.attend(x)[..., :self.vocab_size]  # Tied head; the padding rows are dropped.
+    return logits.astype(jnp.float32)

@@ -1,0 +1,104 @@
+"""Autoregressive sampling from a trained GPT with its KV cache.
+
+    new_tokens = generate(model, params, prompt, max_new_tokens=100, rng=jax.random.key(0),
+                          temperature=0.8, top_k=50, callback=print)
+
+The model is cloned with `decode=True`; an empty cache is built for the prompt's batch size,
+the whole prompt is fed in one call, then each sampled token is fed back one at a time. Both
+go through one jitted step, compiled once for the prompt's length and once for a single token,
+and reused across calls with the same model and sampling settings.
+"""
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def top_k_filter(logits, k: int):
+  """Sets all but the k largest logits (and those tied with the k-th) to -inf."""
+  kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0][..., -1:]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits, p: float):
+  """Nucleus filtering: keeps the smallest set of most likely tokens whose probability is >= p.
+
+  A token is kept when the probability of the tokens more likely than it is still below p
+  (tokens tied with the last one kept are kept too); the others are set to -inf.
+  """
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  cutoff = jnp.min(jnp.where(mass_before < p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def sample_logits(logits, rng, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None):
+  """Samples token ids [batch] from logits [batch, vocab]; temperature 0 is greedy (argmax)."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k is not None:
+    logits = top_k_filter(logits, top_k)
+  if top_p is not None and top_p < 1:
+    logits = top_p_filter(logits, top_p)
+  return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('decoder', 'temperature', 'top_k', 'top_p'),
+                   donate_argnames='cache')  # The cache is updated in place.
+def _step(decoder, params, cache, tokens, rng, i, temperature, top_k, top_p):
+  """Feeds tokens [batch, time] through the cache; samples the token that follows them."""
+  logits, state = decoder.apply({'params': params, 'cache': cache}, tokens, mutable=['cache'])
+  rng = jax.random.fold_in(rng, i)
+  return state['cache'], sample_logits(logits[:, -1], rng, temperature, top_k, top_p)
+
+
+def generate(model, params, prompt_tokens, *, max_new_tokens: int, rng=None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             callback: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+  """Samples `max_new_tokens` tokens after `prompt_tokens` with the model's KV cache.
+
+  Args:
+    model: a `GPT` module (its `decode` field is ignored).
+    params: its parameters (`variables['params']`).
+    prompt_tokens: int token ids [batch, time], or [time] for one sequence.
+    max_new_tokens: how many tokens to sample; prompt plus new tokens must fit in block_size.
+    rng: a `jax.random.key`; may be None only when temperature is 0.
+    temperature: softmax temperature; 0 takes the most likely token.
+    top_k: if set, sample among the k most likely tokens only.
+    top_p: if set, sample among the smallest set of tokens with probability >= top_p.
+    callback: called with each new token as it is produced, shaped like the prompt without its
+      time axis (so a CLI can stream text); this waits for each token on the host.
+
+  Returns:
+    The new tokens only, int32 [batch, max_new_tokens] (or [max_new_tokens]).
+  """
+  prompt = np.asarray(prompt_tokens, np.int32)
+  tokens = jnp.asarray(prompt.reshape(-1, prompt.shape[-1]))
+  batch, length = tokens.shape
+  if length == 0:
+    raise ValueError('generate needs a prompt of at least one token.')
+  if length + max_new_tokens > model.block_size:
+    raise ValueError(f'Prompt of {length} tokens + max_new_tokens={max_new_tokens} exceeds '
+                     f'config.model.block_size={model.block_size}.')
+  if rng is None and temperature != 0:
+    raise ValueError('generate needs an rng to sample with temperature > 0.')
+  rng = jax.random.key(0) if rng is None else rng
+
+  decoder = model.clone(decode=True)
+  shapes = jax.eval_shape(decoder.init, jax.random.key(0), tokens[:, :1])['cache']
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  new_tokens = []
+  for i in range(max_new_tokens):
+    cache, tokens = _step(decoder, params, cache, tokens, rng, i, temperature, top_k, top_p)
+    new_tokens.append(tokens)
+    if callback is not None:
+      callback(np.asarray(tokens).reshape(prompt.shape[:-1]))
+    tokens = tokens[:, None]
+  out = np.asarray(jnp.stack(new_tokens, axis=-1)) if new_tokens else np.zeros((batch, 0))
+  return out.astype(np.int32).reshape(*prompt.shape[:-1], max_new_tokens)

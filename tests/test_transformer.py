@@ -1,0 +1,188 @@
+"""Tests for the GPT model: shapes, causality, KV cache, attention, scan, remat, GPT-2 parity."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.models import transformer
+from research.models.transformer import GPT
+
+# vocab 50 -> 128 padded rows, so the slicing of the padding is exercised everywhere.
+TINY = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def tokens(batch=2, time=12, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, time), 0, TINY['vocab_size'])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(model, params, x):
+  return model.apply({'params': params}, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_step(decoder, params, cache, x):
+  logits, state = decoder.apply({'params': params, 'cache': cache}, x, mutable=['cache'])
+  return logits, state['cache']
+
+
+@pytest.fixture(scope='module')
+def params():
+  return jax.jit(GPT(**TINY).init)(jax.random.key(1), tokens())['params']
+
+
+def test_shape_dtype_and_padding(params):
+  assert params['wte']['embedding'].shape == (128, 32)
+  logits = forward(GPT(**TINY), params, tokens())
+  assert logits.shape == (2, 12, 50) and logits.dtype == jnp.float32
+  bf16 = forward(GPT(**TINY, dtype=jnp.bfloat16), params, tokens())
+  assert bf16.shape == (2, 12, 50) and bf16.dtype == jnp.float32
+  np.testing.assert_allclose(bf16, logits, atol=0.05)
+  # The padding rows of the tied embedding are never predicted: changing them changes nothing.
+  padded = {**params, 'wte': {'embedding': params['wte']['embedding'].at[50:].set(100.0)}}
+  np.testing.assert_array_equal(forward(GPT(**TINY), padded, tokens()), logits)
+
+
+def test_init_follows_gpt2(params):
+  assert np.std(params['wte']['embedding']) == pytest.approx(0.02, rel=0.1)
+  assert np.std(params['h_0']['c_fc']['kernel']) == pytest.approx(0.02, rel=0.1)
+  assert np.std(params['h_0']['mlp_proj']['kernel']) == pytest.approx(0.01, rel=0.1)  # 0.02/sqrt(4)
+  assert not np.any(params['h_0']['c_attn']['bias'])
+  np.testing.assert_array_equal(params['ln_f']['scale'], 1.0)
+
+
+def test_causal(params):
+  model, x = GPT(**TINY), tokens()
+  t = 6
+  changed = x.at[:, t].set((x[:, t] + 1) % TINY['vocab_size'])
+  a, b = forward(model, params, x), forward(model, params, changed)
+  np.testing.assert_array_equal(a[:, :t], b[:, :t])
+  assert np.all(np.abs(a[:, t] - b[:, t]).max(-1) > 1e-4)
+
+
+def test_reference_attention_matches_xla(params):
+  x = tokens()
+  xla = forward(GPT(**TINY), params, x)
+  ref = forward(GPT(**TINY, attention='reference'), params, x)
+  np.testing.assert_allclose(ref, xla, atol=1e-5)
+
+
+def decode(model, params, chunks):
+  """Feeds the token chunks through the KV cache; returns the concatenated logits."""
+  decoder = model.clone(decode=True)
+  shapes = jax.eval_shape(decoder.init, jax.random.key(0), chunks[0][:, :1])['cache']
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  outputs = []
+  for chunk in chunks:
+    logits, cache = decode_step(decoder, params, cache, chunk)
+    outputs.append(logits)
+  return jnp.concatenate(outputs, axis=1)
+
+
+@pytest.mark.parametrize('attention', ['xla', 'reference'])
+def test_kv_cache_matches_full_forward(params, attention):
+  model, x = GPT(**TINY, attention=attention), tokens(time=16)  # the whole context
+  full = forward(model, params, x)
+  one_by_one = decode(model, params, [x[:, i:i + 1] for i in range(16)])
+  np.testing.assert_allclose(one_by_one, full, atol=1e-5)
+  chunked = decode(model, params, [x[:, :5]] + [x[:, i:i + 1] for i in range(5, 16)])
+  np.testing.assert_allclose(chunked, full, atol=1e-5)
+
+
+def stack_layers(params, n_layer):
+  """Unscanned params (h_0, h_1, ...) -> scanned params (h with a leading layer axis)."""
+  blocks = [params[f'h_{i}'] for i in range(n_layer)]
+  rest = {k: v for k, v in params.items() if not k.startswith('h_')}
+  return {**rest, 'h': jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def test_scan_layers_same_logits_and_cache(params):
+  x = tokens(time=16)
+  scanned = GPT(**TINY, scan_layers=True)
+  init_shapes = jax.eval_shape(scanned.init, jax.random.key(0), x)['params']
+  stacked = stack_layers(params, TINY['n_layer'])
+  assert jax.tree.map(jnp.shape, init_shapes) == jax.tree.map(jnp.shape, stacked)
+  full = forward(GPT(**TINY), params, x)
+  np.testing.assert_allclose(forward(scanned, stacked, x), full, atol=1e-5)
+  cached = decode(scanned, stacked, [x[:, :5]] + [x[:, i:i + 1] for i in range(5, 16)])
+  np.testing.assert_allclose(cached, full, atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def loss_and_grad(model, params, x):
+  return jax.value_and_grad(lambda p: jnp.mean(forward(model, p, x) ** 2))(params)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_same_outputs_and_grads(params, remat):
+  want = loss_and_grad(GPT(**TINY), params, tokens())
+  got = loss_and_grad(GPT(**TINY, remat=remat), params, tokens())
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
+
+
+def test_dropout_only_in_training(params):
+  model, x = GPT(**TINY, dropout_rate=0.5), tokens()
+  np.testing.assert_array_equal(forward(model, params, x), forward(GPT(**TINY), params, x))
+  train = jax.jit(lambda seed: model.apply({'params': params}, x, train=True,
+                                           rngs={'dropout': jax.random.key(seed)}))
+  np.testing.assert_array_equal(train(0), train(0))
+  assert not np.allclose(train(0), train(1))
+
+
+def test_gpt2_small_param_count():
+  model = GPT(**transformer.gpt_config('small', vocab_size=50257))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  # 124,475,904 with the embedding padded to 50304 rows (124,439,808 unpadded, as in nanoGPT).
+  assert transformer.count_params(shapes) == 124_475_904
+  # nanoGPT's count: 6 * (N - wpe) + 12 L C T = 6 * 123,689,472 + 113,246,208.
+  non_position = 124_475_904 - shapes['wpe']['embedding'].size
+  assert transformer.flops_per_token(non_position, 12, 768, 1024) == 855_383_040
+
+
+def test_clear_errors():
+  with pytest.raises(ValueError, match='config.model.block_size=16'):
+    GPT(**TINY).init(jax.random.key(0), tokens(time=17))
+  with pytest.raises(ValueError, match='n_embd=30 must be divisible by config.model.n_head=4'):
+    GPT(**{**TINY, 'n_embd': 30, 'n_head': 4}).init(jax.random.key(0), tokens())
+  with pytest.raises(ValueError, match='config.model.attention'):
+    GPT(**TINY, attention='flash').init(jax.random.key(0), tokens())
+  with pytest.raises(ValueError, match='config.model.remat'):
+    GPT(**TINY, remat='some').init(jax.random.key(0), tokens())
+  with pytest.raises(ValueError, match='Unknown GPT size'):
+    transformer.gpt_config('tiny')
+
+
+def test_matches_huggingface_gpt2():
+  torch = pytest.importorskip('torch', reason='the GPT-2 parity test needs torch')
+  transformers = pytest.importorskip('transformers', reason='the parity test needs transformers')
+  torch.manual_seed(0)
+  hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+      activation_function='gelu_new', resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+  with torch.no_grad():  # Non-trivial LayerNorm parameters and biases.
+    for name, p in hf.named_parameters():
+      if 'ln' in name or name.endswith('bias'):
+        p.add_(0.1 * torch.randn_like(p))
+  sd = {k.removeprefix('transformer.'): jnp.asarray(v.numpy()) for k, v in hf.state_dict().items()}
+
+  ours = jax.tree.map(np.array, GPT(**TINY).init(jax.random.key(0), tokens())['params'])
+  ours['wte']['embedding'][:50] = sd['wte.weight']  # Padding rows keep their random init.
+  ours['wpe']['embedding'] = sd['wpe.weight']
+  ours['ln_f'] = {'scale': sd['ln_f.weight'], 'bias': sd['ln_f.bias']}
+  names = {'c_attn': 'attn.c_attn', 'attn_proj': 'attn.c_proj', 'c_fc': 'mlp.c_fc',
+           'mlp_proj': 'mlp.c_proj'}  # HF Conv1D weights are [in, out] like Dense kernels.
+  for i in range(2):
+    layer = ours[f'h_{i}']
+    for name, theirs in names.items():
+      layer[name] = {'kernel': sd[f'h.{i}.{theirs}.weight'], 'bias': sd[f'h.{i}.{theirs}.bias']}
+    for name in ('ln_1', 'ln_2'):
+      layer[name] = {'scale': sd[f'h.{i}.{name}.weight'], 'bias': sd[f'h.{i}.{name}.bias']}
+
+  x = tokens(time=16)
+  with torch.no_grad():
+    want = hf(torch.tensor(np.asarray(x), dtype=torch.long)).logits.numpy()
+  got = forward(GPT(**TINY), ours, x)
+  assert got.shape == want.shape == (2, 16, 50)
+  np.testing.assert_allclose(got, want, atol=1e-4)
