@@ -2,8 +2,10 @@
 
   python launch.py --config=experiments/mnist_cnn.py
   python launch.py --config=experiments/mnist_cnn.py:cpu --config.optimizer.learning_rate=0.01
-  python launch.py --config=experiments/mnist_cnn.py --workdir=runs/mine --mode=eval
+  python launch.py --workdir=runs/mine --mode=eval         # the config saved in the workdir
+  python launch.py --workdir=runs/gpt --mode=sample --prompt="def " --max_new_tokens=200
 """
+import json
 import os
 import sys
 import time
@@ -16,9 +18,15 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs (default: runs/NAME-TIME).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes if the workdir has '
-                  'checkpoints) or eval (the newest checkpoint on the eval split).')
-flags.mark_flag_as_required('config')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'],
+                  'train (resumes if the workdir has checkpoints), eval (the newest checkpoint '
+                  'on the eval split) or sample (language models: text from --prompt).')
+flags.DEFINE_string('prompt', None, 'sample: the prompt (default: config.sample.prompt).')
+flags.DEFINE_integer('max_new_tokens', None, 'sample: tokens to generate.')
+flags.DEFINE_float('temperature', None, 'sample: 0 is greedy.')
+flags.DEFINE_integer('top_k', None, 'sample: keep the k most likely tokens (0: off).')
+flags.DEFINE_float('top_p', None, 'sample: nucleus sampling threshold (0: off).')
+flags.DEFINE_integer('seed', 0, 'sample: the random seed.')
 FLAGS = flags.FLAGS
 
 
@@ -28,6 +36,31 @@ def default_workdir() -> str:
   return os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
 
 
+def saved_config(workdir: str):
+  """The resolved config a run wrote into its workdir."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise app.UsageError(f'Pass --config, or a --workdir with a config.json ({path} is missing).')
+  with open(path, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def sample(workdir: str):
+  """Streams a sample of the newest checkpoint in `workdir` to stdout."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from research import sample as sample_lib  # pylint: disable=g-import-not-at-top
+  model, params, tokenizer, config = sample_lib.load_trained(workdir)
+  settings = config.sample
+  for name in ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p'):
+    if FLAGS[name].value is not None:
+      settings[name] = FLAGS[name].value
+  print(settings.prompt, end='', flush=True)
+  sample_lib.sample_text(model, params, tokenizer, settings, jax.random.key(FLAGS.seed),
+                         stream=lambda piece: print(piece, end='', flush=True))
+  print()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -35,12 +68,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from research import train  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)
   from research.data.image import DataError  # pylint: disable=g-import-not-at-top
+  if FLAGS.config is None and (FLAGS.mode == 'train' or not FLAGS.workdir):
+    raise app.UsageError('--config=experiments/X.py is required (eval and sample can use '
+                         '--workdir alone).')
   workdir = FLAGS.workdir or default_workdir()
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, workdir)
+    elif FLAGS.mode == 'eval':
+      train.evaluate(FLAGS.config or saved_config(workdir), workdir)
     else:
-      train.evaluate(FLAGS.config, workdir)
+      sample(workdir)
   except DataError as e:  # the message says what to do; a traceback would only hide it
     sys.exit(f'DataError: {e}')
 

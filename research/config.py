@@ -70,6 +70,20 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   c.data.slope = 2.0
   c.data.intercept = 0.0
   c.data.noise = 0.1
+  # data.name = 'text': language modelling (research/data/text.py)
+  c.data.source = 'python_stdlib'  # 'python_stdlib' | a path, folder or glob | 'tfds:NAME'
+  c.data.tokenizer = 'byte'        # byte | char | bpe | gpt2
+  c.data.vocab_size = 0            # bpe: the vocabulary to train
+  c.data.seq_len = 256
+  c.data.max_bytes = 0             # 0: all the text
+  c.data.cache_dir = ''            # trained tokenizers; '' = ~/.cache/research/tokenizers
+
+  c.sample = ml_collections.ConfigDict()  # language models: samples written at each eval
+  c.sample.prompt = '\n'
+  c.sample.max_new_tokens = 64     # 0: no samples
+  c.sample.temperature = 0.8
+  c.sample.top_k = 0               # 0: off
+  c.sample.top_p = 0.0             # 0: off
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'adam'        # sgd | adam | adamw

@@ -1,4 +1,6 @@
 """Classification metrics from a confusion matrix, and the loss functions the steps use."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,3 +48,31 @@ def classification_report(confusion: np.ndarray) -> dict[str, float]:
       'recall': float(recall.mean()),
       'f1': float(f1.mean()),
   }
+
+
+# Dense bf16 peak FLOP/s per device (chip) from the vendors' data sheets.
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,  # v5e
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,  # v6e (Trillium)
+    'TPU v6e': 918e12,
+    'A100': 312e12,
+    'H100': 989e12,
+    'H200': 989e12,
+}
+CPU_FLOPS_PER_CORE = 2.5e9 * 32  # an estimate: 2.5 GHz x 2 AVX2 FMA units x 8 fp32 lanes x 2
+
+
+def peak_flops(device) -> tuple[float, bool]:
+  """(peak FLOP/s of one device, whether it is an estimate) for MFU."""
+  kind = device.device_kind
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops, False
+  if device.platform == 'cpu':  # the host's cores are shared by all simulated CPU devices
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return CPU_FLOPS_PER_CORE * cores / jax.device_count(), True
+  return float('nan'), True

@@ -102,3 +102,54 @@ def generate(model, params, prompt_tokens, *, max_new_tokens: int, rng=None,
     tokens = tokens[:, None]
   out = np.asarray(jnp.stack(new_tokens, axis=-1)) if new_tokens else np.zeros((batch, 0))
   return out.astype(np.int32).reshape(*prompt.shape[:-1], max_new_tokens)
+
+
+def sample_text(model, params, tokenizer, sample_config, rng,
+                stream: Callable[[str], None] | None = None) -> str:
+  """Text continuing `sample_config.prompt` (temperature, top_k and top_p from the config).
+
+  `stream(piece)` receives the text as it is produced (whole characters only).
+  """
+  prompt = tokenizer.encode(sample_config.prompt)
+  if not len(prompt):
+    prompt = np.array([tokenizer.eot_id], np.int32)  # start a new document
+  prompt = prompt[-(model.block_size - 1):]
+  max_new = min(sample_config.max_new_tokens, model.block_size - len(prompt))
+  produced, shown = [], ['']
+
+  def on_token(token):
+    produced.append(int(token))
+    text = tokenizer.decode(produced)
+    if stream is not None and not text.endswith('\ufffd'):  # wait for a whole character
+      stream(text[len(shown[0]):])
+      shown[0] = text
+
+  new = generate(model, params, prompt, max_new_tokens=max_new, rng=rng,
+                 temperature=sample_config.temperature, top_k=sample_config.top_k or None,
+                 top_p=sample_config.top_p or None, callback=on_token if stream else None)
+  return tokenizer.decode(new)
+
+
+def load_trained(workdir: str):
+  """(model, params, tokenizer, config) of the newest checkpoint of a language-model run."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from research import models  # pylint: disable=g-import-not-at-top
+  from research.data import tokenizers  # pylint: disable=g-import-not-at-top
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'{config_path} does not exist: pass the --workdir of a trained run.')
+  with open(config_path, encoding='utf-8') as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if not os.path.isdir(os.path.join(workdir, 'tokenizer')):
+    raise FileNotFoundError(f'{workdir} has no tokenizer/: it is not a language-model run.')
+  tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer'))
+  with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints'))) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first.')
+    state = mngr.restore(step, args=ocp.args.StandardRestore())
+  model = models.build_model(config.model)
+  return model, state['params'], tokenizer, config

@@ -21,10 +21,13 @@ from research import config as config_lib
 from research import metrics as metrics_lib
 from research import models
 from research import optim
+from research import sample as sample_lib
 from research import parallel
 from research import steps
 from research import writer as writer_lib
+from research import data as data_lib
 from research.data import image
+from research.models import transformer
 
 
 @dataclasses.dataclass
@@ -39,6 +42,7 @@ class Experiment:
   init_rng: jax.Array  # parameter initialisation
   rng: jax.Array       # folded with the step inside train_step (dropout, augmentation)
   num_classes: int
+  flops_per_token: float = 0.0  # language models: training FLOPs per token, for MFU
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
@@ -46,19 +50,25 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   config = config_lib.resolve(config)
   parallel.check_batch_size(config.batch_size, config.grad_accum_steps,
                            config.parallel.num_devices)
-  data = image.build(config.data, config.batch_size, config.seed, jax.process_index(),
-                     jax.process_count())
-  if config.loss == 'cross_entropy' and not data.num_classes:
+  data = data_lib.build(config)
+  if config.loss == 'cross_entropy' and not (data.num_classes or data.tokenizer):
     raise ValueError(f'config.loss=cross_entropy needs class labels, but {config.data.name!r} '
                      'has none; use config.loss=mse.')
   num_classes = data.num_classes if config.loss == 'cross_entropy' else 0
   overrides = {}
-  if config.parallel.mode == 'pmap' and 'bn_axis_name' in models.model_fields(config.model.name):
+  fields = models.model_fields(config.model.name)
+  if config.parallel.mode == 'pmap' and 'bn_axis_name' in fields:
     overrides['bn_axis_name'] = parallel.PMAP_AXIS  # BatchNorm statistics over all devices
+  if data.tokenizer is not None:
+    with config.unlocked():  # the model's vocabulary is the tokenizer's (recorded in config.json)
+      config.model.vocab_size = data.tokenizer.vocab_size
+    if config.model.block_size < config.data.seq_len:
+      raise ValueError(f'config.data.seq_len={config.data.seq_len} is longer than the position '
+                       f'table, config.model.block_size={config.model.block_size}.')
   model = models.build_model(config.model, **overrides)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   preprocess = image.make_preprocess(config.data)
-  example = jnp.zeros((1, *data.input_shape), jnp.float32)
+  example = jnp.zeros((1, *data.input_shape), data.input_dtype)
 
   def make_steps(axis_name):
     return steps.make_steps(model, tx, loss=config.loss, preprocess=preprocess,
@@ -88,7 +98,7 @@ def restore_or_init(exp: Experiment):
 def evaluate_state(exp: Experiment, state) -> tuple[dict, np.ndarray | None]:
   """Loss (and accuracy, macro precision/recall/F1) over the whole eval split."""
   totals = None
-  for i, batch in enumerate(image.prefetch(exp.data.eval_batches)):
+  for i, batch in enumerate(exp.data.eval_batches()):
     if exp.config.max_eval_batches and i >= exp.config.max_eval_batches:
       break
     sums = exp.compiled.get_metrics(exp.compiled.eval_step(state, exp.compiled.put_batch(batch)))
@@ -96,6 +106,8 @@ def evaluate_state(exp: Experiment, state) -> tuple[dict, np.ndarray | None]:
   totals = jax.device_get(totals)
   result = {'loss': float(totals['loss_sum'] / totals['count']),
             'num_examples': float(totals['count'])}
+  if exp.data.tokenizer is not None:
+    result['perplexity'] = float(np.exp(result['loss']))
   confusion = totals.get('confusion')
   if confusion is not None:
     result.update(metrics_lib.classification_report(confusion))
@@ -108,6 +120,16 @@ def _write_eval(exp, writer, workdir, step, result, confusion):
   if confusion is not None and jax.process_index() == 0:
     np.savetxt(os.path.join(workdir, 'confusion_matrix.csv'), confusion, fmt='%d',
                delimiter=',', header=f'step {step}; rows: true class, columns: predicted')
+
+
+def _write_samples(exp, writer, workdir, step, params):
+  """Language models: a sample from the fixed prompt config.sample.prompt, into the log."""
+  text = sample_lib.sample_text(exp.model, params, exp.data.tokenizer, exp.config.sample,
+                                jax.random.fold_in(exp.rng, step))
+  writer.log(f'sample at step {step}: {exp.config.sample.prompt!r} -> {text!r}')
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'samples.txt'), 'a', encoding='utf-8') as f:
+      f.write(f'=== step {step}\n{exp.config.sample.prompt}{text}\n')
 
 
 class _Clock:
@@ -135,6 +157,10 @@ def _write_train(exp, writer, step, window, clock):
   seconds_per_step = clock.seconds_per_step(len(window))
   values['learning_rate'] = float(exp.schedule(step - 1))
   values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
+  if exp.flops_per_token:
+    values['tokens_per_sec'] = values['examples_per_sec'] * exp.config.data.seq_len
+    peak, _ = metrics_lib.peak_flops(jax.devices()[0])
+    values['mfu'] = exp.flops_per_token * values['tokens_per_sec'] / (peak * jax.device_count())
   writer.write(step, 'train', values)
   writer.log(writer_lib.progress_line(step, exp.config.total_steps, values, seconds_per_step))
   clock.restart()
@@ -150,8 +176,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
   writer = writer_lib.MetricWriter(workdir, enabled=is_main)
+  if exp.data.tokenizer is not None and is_main:  # sampling later reuses it
+    exp.data.tokenizer.save(os.path.join(workdir, 'tokenizer'))
   state, start = restore_or_init(exp)
-  num_params = sum(x.size for x in jax.tree.leaves(exp.compiled.get_state(state).params))
+  params = exp.compiled.get_state(state).params
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  if config.model.name == 'gpt':
+    exp.flops_per_token = transformer.flops_per_token(
+        num_params - params['wpe']['embedding'].size, config.model.n_layer,
+        config.model.n_embd, config.data.seq_len)
+    peak, estimated = metrics_lib.peak_flops(jax.devices()[0])
+    writer.log(f'{exp.flops_per_token / 1e6:.1f} MFLOPs per token (6N + 12 L C T); MFU against '
+               f'{peak * jax.device_count() / 1e12:.3g} TFLOP/s'
+               + (' (an estimate for this CPU)' if estimated else ''))
   writer.log(f'{config.model.name}: {num_params:,} parameters; {jax.device_count()} devices '
              f'({jax.devices()[0].device_kind}), parallel.mode={config.parallel.mode}; '
              + (f'resuming from step {start}' if start else 'starting from scratch')
@@ -159,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {}
   if start >= config.total_steps:
     writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} steps).')
-  train_iter = image.prefetch(exp.data.train, start)
+  train_iter = exp.data.train_batches(start)
   window, pending = [], None  # metrics of the steps since the last write; the window to write
   clock = _Clock()
   for step in range(start, config.total_steps):
@@ -188,6 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_eval:
       result, confusion = evaluate_state(exp, state)
       _write_eval(exp, writer, workdir, done, result, confusion)
+      if exp.data.tokenizer is not None and config.sample.max_new_tokens:
+        _write_samples(exp, writer, workdir, done, exp.compiled.get_state(state).params)
       clock.restart()
   exp.ckpt.wait_until_finished()
   _report_tiny_model(writer, exp.compiled.get_state(state).params, num_params)

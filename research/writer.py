@@ -42,8 +42,11 @@ def progress_line(step: int, total: int, metrics: dict, seconds_per_step: float)
   eta = int(seconds_per_step * (total - step))
   parts = [f'step {step}/{total}']
   parts += [f'{k} {v:.4g}' for k, v in metrics.items()
-            if k not in ('examples_per_sec', 'learning_rate')]
-  if 'examples_per_sec' in metrics:
-    parts.append(f'{metrics["examples_per_sec"]:,.0f} ex/s')
+            if k not in ('examples_per_sec', 'tokens_per_sec', 'mfu', 'learning_rate')]
+  parts.append(f'{metrics["examples_per_sec"]:,.0f} ex/s')
+  if 'tokens_per_sec' in metrics:
+    parts.append(f'{metrics["tokens_per_sec"]:,.0f} tok/s')
+  if 'mfu' in metrics:
+    parts.append(f'MFU {100 * metrics["mfu"]:.1f}%')
   parts.append(f'ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}')
   return ' | '.join(parts)

@@ -12,7 +12,7 @@ def one_step(config):
   """Builds the experiment, runs one train step, returns (loss, params) on the host."""
   exp = train.setup(config, '/nonexistent-workdir-never-written')
   state, _ = train.restore_or_init(exp)
-  batch = exp.compiled.put_batch(exp.data.train[0])
+  batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
   state, metrics = exp.compiled.train_step(state, batch, exp.rng)
   metrics = jax.device_get(exp.compiled.get_metrics(metrics))
   return metrics, jax.device_get(exp.compiled.get_state(state))

@@ -1,1 +1,45 @@
-"""Input pipelines: images and tabular data (image.py), text for language models (text.py)."""
+"""Input pipelines behind one interface: images and tabular data (image.py), text (text.py).
+
+`build(config)` returns a `Data` whose training batches are a pure function of (seed, step),
+so resuming needs only the step. Every evaluation batch carries a 'mask' (1 = a real example).
+"""
+import dataclasses
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+
+from research.data import image
+from research.data import text
+
+
+@dataclasses.dataclass
+class Data:
+  train_batches: Callable[[int], Iterator[dict]]  # start step -> this process's batches
+  eval_batches: Callable[[], Iterable[dict]]      # the eval split once, masked
+  input_shape: tuple                              # one example
+  input_dtype: Any
+  num_classes: int = 0                            # 0: regression or language modelling
+  tokenizer: Any = None                           # text only
+
+
+def build(config) -> Data:
+  """Builds `config.data` for this process (each process reads only its share)."""
+  index, count = jax.process_index(), jax.process_count()
+  if config.data.name == 'text':
+    lm = text.build_lm_data(
+        config.data.source, config.data.tokenizer, config.data.seq_len, config.batch_size,
+        config.seed, vocab_size=config.data.vocab_size or None,
+        cache_dir=config.data.cache_dir or os.path.expanduser('~/.cache/research/tokenizers'),
+        process_index=index, process_count=count, max_bytes=config.data.max_bytes or None,
+        max_eval_batches=config.max_eval_batches or None, data_dir=config.data.data_dir or None)
+    evals = [dict(b, mask=np.ones(len(b['inputs']), np.float32)) for b in lm.eval_batches]
+    return Data(train_batches=lm.train.iterate, eval_batches=lambda: evals,
+                input_shape=(config.data.seq_len,), input_dtype=np.int32,
+                tokenizer=lm.tokenizer)
+  images = image.build(config.data, config.batch_size, config.seed, index, count)
+  return Data(train_batches=lambda start: image.prefetch(images.train, start),
+              eval_batches=lambda: image.prefetch(images.eval_batches),
+              input_shape=images.input_shape, input_dtype=np.float32,
+              num_classes=images.num_classes)
