@@ -1,13 +1,19 @@
-"""Orbax checkpoints of the train state in `WORKDIR/checkpoints/STEP`.
+"""Orbax checkpoints of the train state in `WORKDIR/checkpoints/STEP`, and preemption.
 
 The data order is a pure function of (seed, step), so the step stored in the state is the
 whole data position: restoring a checkpoint resumes training exactly where it stopped.
-Saves are asynchronous (training continues while the state is written) and only complete
-checkpoints are ever listed by the manager.
+Saves are asynchronous (training continues while the state is written). Orbax writes each
+checkpoint into a temporary folder and renames it when complete, so an interrupted save is
+never listed; a complete checkpoint that fails to load is skipped for the one before it.
 """
 import os
+import shutil
+import signal
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -15,25 +21,121 @@ def manager(workdir: str, keep: int, save_every: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options)
+                               options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:
   return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """Returns (state, step) from the newest checkpoint, or (None, None) when there is none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None, None
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+def shapes(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(x.shape) for p, x in flat}
+
+
+def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state):
+  """Raises a ValueError naming the first parameter whose shape the config changed."""
   try:
-    state = mngr.restore(step, args=ocp.args.StandardRestore(target))
-  except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(
-        f'Could not restore checkpoint {mngr.directory}/{step} into the state this config '
-        f'builds ({type(e).__name__}: {str(e)[:500]}). If the model or optimizer changed, use a '
-        f'new --workdir; if the checkpoint is damaged, move {mngr.directory}/{step} aside to '
-        'resume from the one before.') from e
-  return state, step
+    saved = shapes(mngr.item_metadata(step))
+  except Exception:  # pylint: disable=broad-except  (unreadable metadata: let restore decide)
+    return
+  wanted = shapes(abstract_state)
+  for path in sorted(set(saved) | set(wanted)):
+    if saved.get(path) != wanted.get(path):
+      raise ValueError(
+          f'The checkpoint {mngr.directory}/{step} does not fit this config: {path} is '
+          f'{saved.get(path, "absent")} in the checkpoint but {wanted.get(path, "absent")} '
+          'now. The model (or optimizer) differs from the run that wrote it: restore the '
+          'config it was trained with (config.json in the workdir), or use a new --workdir '
+          '(config.init_from=OLD_WORKDIR starts from its parameters).')
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
+  """Returns (state, step) from the newest checkpoint that loads, or (None, None) if none.
+
+  A checkpoint that fails to load (damaged files) is skipped, with a warning, for the one
+  before it; a config that does not fit the checkpoint raises a ValueError instead.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    return None, None
+  check_compatible(mngr, steps[0], abstract_state)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  errors = []
+  for step in steps:
+    try:
+      state = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f'{mngr.directory}/{step}: {type(e).__name__}: {str(e)[:300]}')
+      logging.warning('Checkpoint %s/%d could not be loaded (%s); trying the one before it.',
+                      mngr.directory, step, e)
+      continue
+    if errors:
+      print(f'WARNING: resuming from step {step}: newer checkpoints could not be loaded '
+            f'({"; ".join(errors)}).', flush=True)
+    return state, step
+  raise RuntimeError('No checkpoint could be loaded: ' + '; '.join(errors) + '. Move the '
+                     'damaged folders out of the checkpoints/ folder to start again.')
+
+
+def load_params(workdir: str):
+  """The parameters of the newest checkpoint of another run (for config.init_from)."""
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'config.init_from={workdir!r}: {directory} does not exist.')
+  with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'config.init_from={workdir!r}: no checkpoint in {directory}.')
+    return mngr.restore(step, args=ocp.args.StandardRestore())['params']
+
+
+def check_workdir(workdir: str, state_bytes: int, keep: int):
+  """Fails early when the workdir cannot be written or has no room for the checkpoints."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w', encoding='utf-8') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise OSError(f'The workdir {workdir} is not writable ({e}); choose another --workdir.'
+                  ) from None
+  free = shutil.disk_usage(workdir).free
+  needed = state_bytes * (keep + 1)
+  if free < needed:
+    raise OSError(f'The workdir {workdir} has {free / 2**20:.0f} MiB free but {keep} + 1 '
+                  f'checkpoints of {state_bytes / 2**20:.0f} MiB need {needed / 2**20:.0f} MiB; '
+                  'free some space, choose another --workdir, or lower config.keep_checkpoints.')
+
+
+class Preemption:
+  """Notices SIGTERM (how Cloud TPU and most schedulers preempt) so the loop can save and stop.
+
+  `reached(step)` is True at the first step boundary after a SIGTERM. With several processes
+  they must stop at the same step: JAX's preemption sync point agrees on it when the
+  distributed runtime is up; otherwise each process's own signal flag is used.
+  """
+
+  def __init__(self):
+    self.signalled = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.signalled = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # no preemption service in this runtime: agree on the flags
+        flags = multihost_utils.process_allgather(np.array(self.signalled))
+        return bool(np.any(flags))
+    return self.signalled
+
+  def close(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def state_bytes(state) -> int:
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)))

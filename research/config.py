@@ -51,6 +51,8 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   c.label_smoothing = 0.0
   c.grad_accum_steps = 1           # micro-batches per update
   c.max_eval_batches = 0           # 0: the whole eval split
+  c.nonfinite = 'stop'             # a NaN/inf loss or gradient: stop | skip (the update)
+  c.init_from = ''                 # a workdir whose newest parameters start a new run
 
   # keys checked against the model's fields
   c.model = model_config(model, **model_fields) if model else ml_collections.ConfigDict()
@@ -139,11 +141,24 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     resolved.update(config)  # recursive for nested ConfigDicts
     resolved.model = ml_collections.ConfigDict(model.to_dict())
   models.check_config(resolved.model)
+  if resolved.nonfinite not in ('stop', 'skip'):
+    raise ValueError(f'config.nonfinite={resolved.nonfinite!r}: use stop or skip.')
   for key in ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
               'batch_size', 'grad_accum_steps'):
     if not isinstance(resolved[key], int) or resolved[key] < 1:
       raise ValueError(f'config.{key} must be a positive integer, got {resolved[key]!r}.')
   return resolved
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}, for comparing configs."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
 
 
 def parse_arg(arg: str | None, allowed=('cpu',)) -> set[str]:

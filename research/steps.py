@@ -44,12 +44,15 @@ def _apply(model, state, params, inputs, train, rng=None):
 
 def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
                preprocess: Callable, num_classes: int = 0, label_smoothing: float = 0.0,
-               grad_accum_steps: int = 1, axis_name: str | None = None):
+               grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+               axis_name: str | None = None):
   """Builds (train_step, eval_step) for `loss` in {'cross_entropy', 'mse'}.
 
   num_classes > 0 adds accuracy to the metrics and a confusion matrix to evaluation.
   grad_accum_steps > 1 splits each batch into that many micro-batches whose gradients are
   averaged before one update (the same update as the whole batch, in less memory).
+  skip_nonfinite: a step whose loss or gradients are not finite leaves the state unchanged
+  (except the step counter) and reports metrics['skipped'] = 1.
   """
   if loss == 'cross_entropy':
     per_example_loss = lambda out, y: metrics_lib.cross_entropy(out, y, label_smoothing)
@@ -103,6 +106,12 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
+    if skip_nonfinite:
+      ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      model_state = keep(model_state, state.model_state)
+      metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)
     return new_state, metrics

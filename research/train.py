@@ -27,6 +27,7 @@ from research import steps
 from research import writer as writer_lib
 from research import data as data_lib
 from research.data import image
+from research.data import tokenizers
 from research.models import transformer
 
 
@@ -73,7 +74,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   def make_steps(axis_name):
     return steps.make_steps(model, tx, loss=config.loss, preprocess=preprocess,
                             num_classes=num_classes, label_smoothing=config.label_smoothing,
-                            grad_accum_steps=config.grad_accum_steps, axis_name=axis_name)
+                            grad_accum_steps=config.grad_accum_steps,
+                            skip_nonfinite=config.nonfinite == 'skip', axis_name=axis_name)
 
   compiled = parallel.compile_steps(
       config.parallel.mode, parallel.make_mesh(config.parallel.num_devices),
@@ -145,15 +147,24 @@ class _Clock:
     return (time.time() - self.start) / max(self.steps or fallback_steps, 1)
 
 
-def _write_train(exp, writer, step, window, clock):
-  """Averages a window of per-step metrics (fetched here, one step after they were made)."""
-  values = {k: float(np.mean(v)) for k, v in jax.device_get(
-      jax.tree.map(lambda *xs: jnp.stack(xs), *window)).items()}
-  if not np.isfinite(values['loss']):
+def _fetch_window(exp, step, window) -> dict:
+  """Fetches a window of per-step metrics; stops at a non-finite loss (config.nonfinite=stop)."""
+  values = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *window))
+  bad = np.flatnonzero(~np.isfinite(values['loss']))
+  if len(bad) and exp.config.nonfinite == 'stop':
+    first = step - len(window) + 1 + int(bad[0])
     raise FloatingPointError(
-        f'The training loss is {values["loss"]} in the {len(window)} steps up to step {step}. '
-        f'The last checkpoint is step {exp.ckpt.latest_step()} in {exp.ckpt.directory}; lower '
-        'config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.')
+        f'The training loss is {values["loss"][bad[0]]} at step {first}. The last good '
+        f'checkpoint is step {exp.ckpt.latest_step()} in {exp.ckpt.directory}. Lower '
+        'config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or set '
+        'config.nonfinite=skip to skip such updates.')
+  return values
+
+
+def _write_train(exp, writer, step, window, clock):
+  """Writes the mean of a window of metrics (fetched one step after they were made)."""
+  values = _fetch_window(exp, step, window)
+  values = {k: float(np.sum(v) if k == 'skipped' else np.nanmean(v)) for k, v in values.items()}
   seconds_per_step = clock.seconds_per_step(len(window))
   values['learning_rate'] = float(exp.schedule(step - 1))
   values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
@@ -166,19 +177,67 @@ def _write_train(exp, writer, step, window, clock):
   clock.restart()
 
 
+def _log_config_changes(writer, workdir, config):
+  """Relaunching a workdir with other settings is allowed; says what changed."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    old = config_lib.flatten(json.load(f))
+  new = config_lib.flatten(json.loads(config.to_json_best_effort()))
+  changes = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)]
+  if changes:
+    writer.log('config changed since the last launch in this workdir: ' + '; '.join(changes))
+
+
+def _check_tokenizer(tokenizer, directory: str, latest_step):
+  """A resumed language model must see the same token ids it was trained on."""
+  if latest_step is None or not os.path.exists(os.path.join(directory, 'tokenizer.json')):
+    return
+  saved = tokenizers.load(directory)
+  vocab = lambda t: [t.decode([i]) for i in range(t.vocab_size)]
+  if saved.kind != tokenizer.kind or vocab(saved) != vocab(tokenizer):
+    raise ValueError(
+        f'The tokenizer built from this config ({tokenizer.kind}, {tokenizer.vocab_size} '
+        f'tokens) differs from the one the checkpoint was trained with ({saved.kind}, '
+        f'{saved.vocab_size} tokens, in {directory}): restore config.data.tokenizer and '
+        'config.data.source, or use a new --workdir.')
+
+
+def _start(exp, writer):
+  """Restores the newest checkpoint, or initialises (from config.init_from if set)."""
+  state, start = restore_or_init(exp)
+  if start == 0 and exp.config.init_from:
+    params = checkpoint.load_params(exp.config.init_from)
+    fresh = exp.compiled.get_state(state)
+    if checkpoint.shapes(params) != checkpoint.shapes(fresh.params):
+      raise ValueError(f'config.init_from={exp.config.init_from!r}: its parameters do not have '
+                       "this model's shapes.")
+    params = jax.device_put(params, exp.compiled.state_sharding)
+    state = exp.compiled.put_state(fresh.replace(params=params))
+    writer.log(f'parameters initialised from {exp.config.init_from}')
+  return state, start
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval."""
   exp = setup(config, workdir)
   config = exp.config
   is_main = jax.process_index() == 0
+  abstract = jax.eval_shape(exp.compiled.init_state, exp.init_rng)
+  checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), config.keep_checkpoints)
+  writer = writer_lib.MetricWriter(workdir, enabled=is_main)
+  _log_config_changes(writer, workdir, config)
+  if exp.data.tokenizer is not None:
+    _check_tokenizer(exp.data.tokenizer, os.path.join(workdir, 'tokenizer'),
+                     exp.ckpt.latest_step())
+  state, start = _start(exp, writer)
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
-  writer = writer_lib.MetricWriter(workdir, enabled=is_main)
-  if exp.data.tokenizer is not None and is_main:  # sampling later reuses it
-    exp.data.tokenizer.save(os.path.join(workdir, 'tokenizer'))
-  state, start = restore_or_init(exp)
+    if exp.data.tokenizer is not None:  # sampling later reuses it
+      exp.data.tokenizer.save(os.path.join(workdir, 'tokenizer'))
   params = exp.compiled.get_state(state).params
   num_params = sum(x.size for x in jax.tree.leaves(params))
   if config.model.name == 'gpt':
@@ -199,36 +258,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = exp.data.train_batches(start)
   window, pending = [], None  # metrics of the steps since the last write; the window to write
   clock = _Clock()
-  for step in range(start, config.total_steps):
-    batch = exp.compiled.put_batch(next(train_iter))
-    state, metrics = exp.compiled.train_step(state, batch, exp.rng)
-    window.append(exp.compiled.get_metrics(metrics))
-    done = step + 1
-    if step == start:  # the one sync outside logging: report the compilation time
-      jax.block_until_ready(metrics)
-      writer.log(f'first step (compilation included) took {time.time() - clock.start:.1f}s')
-      clock.restart()
-    else:
-      clock.steps += 1
-    if pending:  # the last window's metrics, fetched now that the next step is queued
-      _write_train(exp, writer, *pending, clock)
-      pending = None
-    if done % config.log_every_steps == 0 or done == config.total_steps:
-      pending, window = (done, window), []
-    is_eval = done % config.eval_every_steps == 0 or done == config.total_steps
-    if is_eval or done % config.checkpoint_every_steps == 0:
-      if pending:
+  preemption = checkpoint.Preemption()
+  try:
+    for step in range(start, config.total_steps):
+      batch = exp.compiled.put_batch(next(train_iter))
+      state, metrics = exp.compiled.train_step(state, batch, exp.rng)
+      window.append(exp.compiled.get_metrics(metrics))
+      done = step + 1
+      if step == start:  # the one sync outside logging: report the compilation time
+        jax.block_until_ready(metrics)
+        writer.log(f'first step (compilation included) took {time.time() - clock.start:.1f}s')
+        clock.restart()
+      else:
+        clock.steps += 1
+      if pending:  # the last window's metrics, fetched now that the next step is queued
         _write_train(exp, writer, *pending, clock)
         pending = None
-      checkpoint.save(exp.ckpt, done, exp.compiled.get_state(state),
-                      force=done == config.total_steps)
-    if is_eval:
-      result, confusion = evaluate_state(exp, state)
-      _write_eval(exp, writer, workdir, done, result, confusion)
-      if exp.data.tokenizer is not None and config.sample.max_new_tokens:
-        _write_samples(exp, writer, workdir, done, exp.compiled.get_state(state).params)
-      clock.restart()
-  exp.ckpt.wait_until_finished()
+      if done % config.log_every_steps == 0 or done == config.total_steps:
+        pending, window = (done, window), []
+      preempted = preemption.reached(done)
+      is_eval = done % config.eval_every_steps == 0 or done == config.total_steps
+      if is_eval or preempted or done % config.checkpoint_every_steps == 0:
+        if pending:
+          _write_train(exp, writer, *pending, clock)
+          pending = None
+        if window:  # never checkpoint a state that a non-finite step produced
+          _fetch_window(exp, done, window)
+        checkpoint.save(exp.ckpt, done, exp.compiled.get_state(state),
+                        force=preempted or done == config.total_steps)
+      if preempted:
+        exp.ckpt.wait_until_finished()
+        writer.log(f'SIGTERM: saved step {done} to {exp.ckpt.directory} and stopped; relaunch '
+                   'the same command to resume.')
+        break
+      if is_eval:
+        result, confusion = evaluate_state(exp, state)
+        _write_eval(exp, writer, workdir, done, result, confusion)
+        if exp.data.tokenizer is not None and config.sample.max_new_tokens:
+          _write_samples(exp, writer, workdir, done, exp.compiled.get_state(state).params)
+        clock.restart()
+  finally:
+    preemption.close()
+    exp.ckpt.wait_until_finished()
   _report_tiny_model(writer, exp.compiled.get_state(state).params, num_params)
   writer.close()
   return result

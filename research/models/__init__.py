@@ -49,6 +49,9 @@ def check_config(model_config, extra=()):
           f'config.model.{key} is not a field of model {model_config.name!r}'
           + (f' (did you mean config.model.{hint[0]}?)' if hint else '')
           + f'; its fields are {fields}.')
+  check = getattr(model_class(model_config.name), 'check_fields', None)
+  if check:  # the model's own checks of its field values (e.g. heads dividing the width)
+    check({**{k: v for k, v in model_config.items() if k != 'name'}, **dict(extra)})
 
 
 def build_model(model_config, **overrides) -> nn.Module:

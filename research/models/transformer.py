@@ -162,6 +162,17 @@ class GPT(nn.Module):
   scan_layers: bool = False    # one nn.scan over the blocks; parameters stacked on axis 0
   decode: bool = False         # KV-cache mode for sampling; see research/sample.py
 
+  @classmethod
+  def check_fields(cls, fields: dict):
+    """Config validation before anything is built (see research/models/__init__.py)."""
+    n_embd, n_head = fields.get('n_embd', cls.n_embd), fields.get('n_head', cls.n_head)
+    if n_embd % n_head:
+      raise ValueError(f'config.model.n_embd={n_embd} must be divisible by '
+                       f'config.model.n_head={n_head}.')
+    if fields.get('attention', cls.attention) not in ATTENTION:
+      raise ValueError(f'config.model.attention={fields["attention"]!r} is not one of '
+                       f'{list(ATTENTION)}.')
+
   @property
   def padded_vocab(self) -> int:
     return -(-self.vocab_size // 128) * 128
