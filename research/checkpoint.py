@@ -40,7 +40,8 @@ def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state):
   except Exception:  # pylint: disable=broad-except  (unreadable metadata: let restore decide)
     return
   wanted = shapes(abstract_state)
-  for path in sorted(set(saved) | set(wanted)):
+  params_first = lambda path: (not path.startswith('params'), path)
+  for path in sorted(set(saved) | set(wanted), key=params_first):
     if saved.get(path) != wanted.get(path):
       raise ValueError(
           f'The checkpoint {mngr.directory}/{step} does not fit this config: {path} is '

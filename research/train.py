@@ -56,6 +56,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     raise ValueError(f'config.loss=cross_entropy needs class labels, but {config.data.name!r} '
                      'has none; use config.loss=mse.')
   num_classes = data.num_classes if config.loss == 'cross_entropy' else 0
+  outputs = config.model.get('num_classes', config.model.get('num_outputs'))
+  if num_classes and outputs is not None and outputs != num_classes:
+    key = 'num_classes' if 'num_classes' in config.model else 'num_outputs'
+    raise ValueError(f'config.model.{key}={outputs}, but {config.data.name!r} has '
+                     f'{num_classes} classes; set config.model.{key}={num_classes}.')
   overrides = {}
   fields = models.model_fields(config.model.name)
   if config.parallel.mode == 'pmap' and 'bn_axis_name' in fields:
@@ -80,8 +85,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   compiled = parallel.compile_steps(
       config.parallel.mode, parallel.make_mesh(config.parallel.num_devices),
       lambda rng: steps.init_state(model, tx, rng, example), make_steps)
-  ckpt = checkpoint.manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
+  abstract = jax.eval_shape(compiled.init_state, init_rng)
+  checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), config.keep_checkpoints)
+  ckpt = checkpoint.manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
   return Experiment(config, data, model, schedule, compiled, ckpt, init_rng, rng, num_classes)
 
 
@@ -225,8 +232,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exp = setup(config, workdir)
   config = exp.config
   is_main = jax.process_index() == 0
-  abstract = jax.eval_shape(exp.compiled.init_state, exp.init_rng)
-  checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), config.keep_checkpoints)
   writer = writer_lib.MetricWriter(workdir, enabled=is_main)
   _log_config_changes(writer, workdir, config)
   if exp.data.tokenizer is not None:
@@ -297,11 +302,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if exp.data.tokenizer is not None and config.sample.max_new_tokens:
           _write_samples(exp, writer, workdir, done, exp.compiled.get_state(state).params)
         clock.restart()
+    _report_tiny_model(writer, exp.compiled.get_state(state).params, num_params)
   finally:
     preemption.close()
     exp.ckpt.wait_until_finished()
-  _report_tiny_model(writer, exp.compiled.get_state(state).params, num_params)
-  writer.close()
+    writer.close()
   return result
 
 

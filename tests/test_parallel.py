@@ -8,9 +8,9 @@ from research import train
 from tests.test_train import cpu_config
 
 
-def one_step(config):
+def one_step(config, workdir):
   """Builds the experiment, runs one train step, returns (loss, params) on the host."""
-  exp = train.setup(config, '/nonexistent-workdir-never-written')
+  exp = train.setup(config, workdir)
   state, _ = train.restore_or_init(exp)
   batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
   state, metrics = exp.compiled.train_step(state, batch, exp.rng)
@@ -19,7 +19,7 @@ def one_step(config):
 
 
 @pytest.mark.parametrize('name', ['mnist_cnn', 'cifar10_resnet'])  # ResNet: BatchNorm across devices
-def test_one_step_agrees_on_1_device_jit_8_and_pmap_8(name):
+def test_one_step_agrees_on_1_device_jit_8_and_pmap_8(name, tmp_path):
   assert jax.device_count() == 8
   results = {}
   with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -30,8 +30,8 @@ def test_one_step_agrees_on_1_device_jit_8_and_pmap_8(name):
         config.data.crop_padding, config.data.random_flip = 0, False
         config.optimizer.warmup_steps = 0  # else the first step has learning rate 0
       config.parallel.mode, config.parallel.num_devices = mode, devices
-      results[mode, devices] = one_step(config)
-    exp = train.setup(config, '/nonexistent-workdir-never-written')
+      results[mode, devices] = one_step(config, str(tmp_path / f'{mode}{devices}'))
+    exp = train.setup(config, str(tmp_path / 'init'))
     init = jax.device_get(train.restore_or_init(exp)[0].params)
   (ref_metrics, ref_state) = results['jit', 1]
   assert np.isfinite(ref_metrics['loss'])

@@ -130,6 +130,12 @@ def test_batch_size_not_divisible_by_devices_fails_before_compilation(tmp_path, 
       train.train_and_evaluate(cpu_config('mnist_cnn', batch_size=12), str(tmp_path))
 
 
+def test_model_outputs_must_match_the_dataset_classes(tmp_path, no_compilation):
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(ValueError, match=r"num_outputs=3, but 'mnist' has 10 classes"):
+      train.train_and_evaluate(cpu_config('mnist_mlp', **{'model.num_outputs': 3}), str(tmp_path))
+
+
 def test_unprepared_dataset_fails_before_compilation(tmp_path, no_compilation):
   config = cpu_config('mnist_cnn', **{'data.data_dir': str(tmp_path / 'tfds'),
                                       'data.download': False})
@@ -137,8 +143,8 @@ def test_unprepared_dataset_fails_before_compilation(tmp_path, no_compilation):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-def run_launch(*args, mock_tfds=False, cwd=ROOT):
-  """Runs launch.py in a fresh interpreter (under TFDS mock data if asked)."""
+def launch_command(*args, mock_tfds=False):
+  """The command line and environment that run launch.py (under TFDS mock data if asked)."""
   if mock_tfds:
     code = ('import sys, runpy, tensorflow_datasets as tfds\n'
             'sys.argv = ["launch.py"] + sys.argv[1:]\n'
@@ -148,8 +154,13 @@ def run_launch(*args, mock_tfds=False, cwd=ROOT):
     command = [sys.executable, '-c', code, *args]
   else:
     command = [sys.executable, 'launch.py', *args]
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+  return command, {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+
+
+def run_launch(*args, mock_tfds=False):
+  """Runs launch.py in a fresh interpreter and waits for it."""
+  command, env = launch_command(*args, mock_tfds=mock_tfds)
+  return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_launch_trains_resumes_and_evaluates(tmp_path):

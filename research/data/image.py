@@ -193,6 +193,9 @@ def _collate(examples):
 def train_batches(source, batch_size: int, seed: int, process_index=0, process_count=1):
   """Element `step` is this process's rows of global batch `step` (shuffled anew each epoch)."""
   local = batch_size // process_count
+  # Grain shuffles epoch e with seed + e: scramble the seed so that seeds 0 and 1 do not see
+  # the same epoch orders one epoch apart.
+  seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().batch(local)
   return ds.slice(slice(process_index, None, process_count))
 

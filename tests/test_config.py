@@ -1,0 +1,131 @@
+"""Tests of research.config: every experiment resolves, and misspelt or missing keys fail with a
+message that names the key and the closest valid one."""
+import importlib
+import pathlib
+
+import ml_collections
+import pytest
+
+from research import config
+from research import models
+
+EXPERIMENTS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / 'experiments').glob(
+    '*.py') if p.stem != '__init__')
+
+
+def experiment(name, arg=None):
+  return importlib.import_module(f'experiments.{name}').get_config(arg)
+
+
+def lookup(c, key):
+  for part in key.split('.'):
+    c = c[part]
+  return c
+
+
+def mnist_mlp_dict():
+  """An experiment as a plain, unlocked dict, to add or remove keys."""
+  return experiment('mnist_mlp').to_dict()
+
+
+def test_experiments_found():
+  assert {'mnist_mlp', 'mnist_cnn', 'cifar10_resnet', 'linear_regression'} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize('arg', [None, 'cpu'])
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_every_experiment_resolves(name, arg):
+  c = experiment(name, arg)
+  resolved = config.resolve(c)
+  for key in config.REQUIRED:
+    assert lookup(resolved, key) == lookup(c, key), key
+  assert lookup(resolved, 'model.name') in models.MODELS
+  models.build_model(resolved.model)  # every model key is a field of the model
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_cpu_variant_is_smaller(name):
+  full, cpu = experiment(name), experiment(name, 'cpu')
+  assert cpu.total_steps < full.total_steps
+  assert cpu.total_steps * cpu.batch_size < full.total_steps * full.batch_size
+
+
+def test_resolve_fills_defaults():
+  required = {'seed': 1, 'batch_size': 8, 'total_steps': 5, 'log_every_steps': 1,
+              'eval_every_steps': 5, 'checkpoint_every_steps': 5,
+              'model': {'name': 'mlp', 'hidden_sizes': (4,)}, 'data': {'name': 'mnist'},
+              'optimizer': {'name': 'sgd', 'learning_rate': 0.5}}
+  resolved = config.resolve(ml_collections.ConfigDict(required))
+  assert (resolved.seed, resolved.optimizer.name, resolved.optimizer.learning_rate) == (
+      1, 'sgd', 0.5)
+  assert resolved.optimizer.b2 == config.defaults().optimizer.b2 == 0.999
+  assert resolved.keep_checkpoints == 3 and resolved.data.train_split == 'train'
+
+
+@pytest.mark.parametrize('where,key,value,bad,hint', [
+    ((), 'total_step', 5, 'config.total_step', 'config.total_steps'),
+    (('optimizer',), 'learning_rte', 0.1, 'config.optimizer.learning_rte',
+     'config.optimizer.learning_rate'),
+    (('data',), 'crop_paddin', 4, 'config.data.crop_paddin', 'config.data.crop_padding'),
+    (('model',), 'hiden_sizes', (4,), 'config.model.hiden_sizes', 'config.model.hidden_sizes'),
+])
+def test_unknown_key_names_key_and_suggestion(where, key, value, bad, hint):
+  d = mnist_mlp_dict()
+  node = d
+  for part in where:
+    node = node[part]
+  node[key] = value
+  with pytest.raises(ValueError) as e:
+    config.resolve(ml_collections.ConfigDict(d))
+  assert f'{bad} ' in str(e.value) and f'did you mean {hint}?' in str(e.value)
+
+
+def test_defaults_are_locked():
+  c = config.defaults('mlp')
+  c.optimizer.learning_rate = 0.1  # an existing key is fine
+  with pytest.raises(AttributeError, match='learning_rte'):
+    c.optimizer.learning_rte = 0.1
+  with pytest.raises(AttributeError, match='total_step'):
+    c.total_step = 5
+  with pytest.raises(AttributeError, match='hiden_sizes'):
+    c.model.hiden_sizes = (4,)
+
+
+@pytest.mark.parametrize('key', config.REQUIRED)
+def test_missing_required_key(key):
+  d = mnist_mlp_dict()
+  *parents, leaf = key.split('.')
+  node = d
+  for part in parents:
+    node = node[part]
+  del node[leaf]
+  with pytest.raises(ValueError, match=rf'does not set config\.{key};'):
+    config.resolve(ml_collections.ConfigDict(d))
+
+
+@pytest.mark.parametrize('key', ['total_steps', 'batch_size', 'grad_accum_steps'])
+def test_non_positive_counts_rejected(key):
+  d = mnist_mlp_dict()
+  d[key] = 0
+  with pytest.raises(ValueError, match=rf'config\.{key} must be a positive integer'):
+    config.resolve(ml_collections.ConfigDict(d))
+
+
+def test_parse_arg():
+  assert config.parse_arg(None) == set()
+  assert config.parse_arg('cpu') == {'cpu'}
+  assert config.parse_arg('a,b', allowed=('a', 'b', 'c')) == {'a', 'b'}
+  with pytest.raises(ValueError, match=r"\['gpu'\]"):
+    config.parse_arg('cpu,gpu')
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_experiments_reject_unknown_arg(name):
+  with pytest.raises(ValueError, match='runlocal'):
+    experiment(name, 'runlocal')
+
+
+def test_model_config_lists_every_field():
+  c = config.defaults('mlp', hidden_sizes=(32,)).model
+  assert set(c.keys()) - {'name'} == set(models.model_fields('mlp'))
+  assert c.hidden_sizes == (32,) and c.activation == 'relu' and c.dtype == 'float32'

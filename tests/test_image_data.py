@@ -1,0 +1,252 @@
+"""Tests of research.data.image: IDX reading on the real MNIST test set, batching (order, shards,
+padding), TFDS on mocked data and its error messages, and on-device preprocessing."""
+import gzip
+import pathlib
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from research import config
+from research.data import image
+
+DATA = (pathlib.Path(__file__).parents[1] / '..' / 'shared' / 'data').resolve()
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # data README
+
+
+@pytest.fixture(scope='module')
+def mnist_dir():
+  if not (DATA / 't10k-images-idx3-ubyte.gz').exists():
+    pytest.skip(f'real MNIST IDX files absent from {DATA} (see ../shared/data/README.md)')
+  return str(DATA)
+
+
+def data_config(**overrides):
+  c = config.defaults().data
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def toy_source(n):
+  """Example i has target i, and inputs that also encode i."""
+  return image._ArraySource(np.arange(n, dtype=np.float32)[:, None] * [1, -1], np.arange(n))
+
+
+def targets(batch):
+  return batch['targets'].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files.
+
+def test_idx_mnist_test_set(mnist_dir):
+  source = image.idx_source(mnist_dir, 'test')
+  assert len(source) == 10_000
+  assert source.inputs.shape == (10_000, 28, 28, 1) and source.inputs.dtype == np.uint8
+  assert np.bincount(source.targets, minlength=10).tolist() == MNIST_TEST_COUNTS
+  # an independent read: the raw bytes after the 16-byte header
+  with gzip.open(f'{mnist_dir}/t10k-images-idx3-ubyte.gz', 'rb') as f:
+    raw = np.frombuffer(f.read()[16:], np.uint8)
+  np.testing.assert_array_equal(source[1234]['inputs'].ravel(), raw[1234 * 784:1235 * 784])
+
+
+def test_idx_split_slices(mnist_dir):
+  full = image.idx_source(mnist_dir, 'test')
+  head, tail = (image.idx_source(mnist_dir, s) for s in ('test[:8000]', 'test[8000:]'))
+  assert (len(head), len(tail)) == (8000, 2000)
+  np.testing.assert_array_equal(np.concatenate([head.targets, tail.targets]), full.targets)
+  np.testing.assert_array_equal(tail[0]['inputs'], full[8000]['inputs'])
+
+
+def test_build_mnist_idx(mnist_dir):
+  c = data_config(name='mnist_idx', path=mnist_dir, train_split='test[:8000]',
+                  eval_split='test[8000:]')
+  data = image.build(c, batch_size=64, seed=0)
+  assert (data.num_train, data.num_eval, data.input_shape, data.num_classes) == (
+      8000, 2000, (28, 28, 1), 10)
+  assert data.train[0]['inputs'].shape == (64, 28, 28, 1)
+  assert len(data.eval_batches) == 32                         # ceil(2000 / 64)
+  assert data.eval_batches[31]['mask'].sum() == 2000 - 31 * 64
+
+
+def write_idx(path, header, payload):
+  with gzip.open(path, 'wb') as f:
+    f.write(struct.pack(f'>{len(header)}I', *header) + bytes(payload))
+
+
+def test_truncated_idx_file_raises(tmp_path):
+  write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', (2051, 5, 28, 28), [0] * 1000)  # < 5*784
+  write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', (2049, 5), [0] * 5)
+  with pytest.raises(image.DataError, match=r't10k-images-idx3-ubyte\.gz is truncated'):
+    image.idx_source(str(tmp_path), 'test')
+
+
+def test_corrupt_idx_file_raises(tmp_path):
+  write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', (2051, 1, 2, 2), [0] * 4)
+  write_idx(tmp_path / 't10k-labels-idx1-ubyte.gz', (1234, 1), [0])  # wrong magic number
+  with pytest.raises(image.DataError, match=r't10k-labels-idx1-ubyte\.gz.*magic 1234'):
+    image.idx_source(str(tmp_path), 'test')
+  (tmp_path / 't10k-labels-idx1-ubyte.gz').write_bytes(b'not gzip at all')
+  with pytest.raises(image.DataError, match=r'Could not read IDX file .*t10k-labels'):
+    image.idx_source(str(tmp_path), 'test')
+
+
+def test_missing_idx_files_and_bad_split(tmp_path):
+  with pytest.raises(image.DataError, match=r'config\.data\.path'):
+    image.idx_source(str(tmp_path), 'test')
+  with pytest.raises(image.DataError, match='validation'):
+    image.idx_source(str(tmp_path), 'validation')
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching.
+
+def test_train_batches_pure_function_of_seed_and_step():
+  source = toy_source(50)
+  a, b = image.train_batches(source, 8, seed=3), image.train_batches(source, 8, seed=3)
+  later = [targets(a[s]) for s in (9, 2, 7)]   # out of order, from another instance
+  assert later == [targets(b[s]) for s in (9, 2, 7)]
+  assert targets(a[2]) == targets(b[2])        # reading again gives the same batch
+  other = image.train_batches(source, 8, seed=4)
+  assert [targets(other[s]) for s in range(3)] != [targets(a[s]) for s in range(3)]
+  np.testing.assert_array_equal(a[5]['inputs'][:, 0], a[5]['targets'])  # pairs stay together
+
+
+def test_train_batches_each_example_once_per_epoch():
+  ds = image.train_batches(toy_source(12), 4, seed=0)
+  epochs = [sum((targets(ds[s]) for s in range(3 * e, 3 * e + 3)), []) for e in range(3)]
+  for order in epochs:
+    assert sorted(order) == list(range(12))
+  assert epochs[0] != epochs[1] != epochs[2]       # reshuffled every epoch
+  assert epochs[0] != list(range(12))              # and shuffled at all
+
+
+def test_neighbouring_seeds_give_unrelated_epoch_orders():
+  epoch = lambda seed, e: targets(image.train_batches(toy_source(100), 100, seed=seed)[e])
+  assert epoch(0, 1) != epoch(1, 0)
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_process_shares_concatenate_to_global_batch(process_count):
+  source, batch = toy_source(20), 8
+  whole = image.train_batches(source, batch, seed=1)
+  shares = [image.train_batches(source, batch, 1, p, process_count) for p in range(process_count)]
+  for step in range(6):
+    parts = [share[step] for share in shares]
+    assert all(len(p['targets']) == batch // process_count for p in parts)
+    assert sum((targets(p) for p in parts), []) == targets(whole[step])
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_eval_batches_cover_every_example_once(process_count):
+  source = toy_source(10)
+  seen, batches = [], []
+  for p in range(process_count):
+    ds = image.eval_batches(source, 4, p, process_count)
+    assert len(ds) == 3                          # ceil(10 / 4) global batches
+    batches += list(ds)
+    for b in ds:
+      assert b['targets'].shape == b['mask'].shape == (4 // process_count,)
+      seen += b['targets'][b['mask'] == 1].tolist()
+  assert sorted(seen) == list(range(10))
+  assert sum(b['mask'].sum() for b in batches) == 10
+  assert sum(len(b['mask']) for b in batches) == 12  # two padded rows, masked out
+
+
+def test_prefetch_starts_at_step():
+  ds = image.train_batches(toy_source(30), 4, seed=2)
+  it = image.prefetch(ds, start=5, threads=2)
+  got = [targets(next(it)) for _ in range(4)]
+  assert got == [targets(ds[s]) for s in range(5, 9)]
+  assert got[0] != targets(ds[0])
+
+
+def test_empty_split_raises(mnist_dir):
+  c = data_config(name='mnist_idx', path=mnist_dir, eval_split='test[10000:]',
+                  train_split='test[:100]')
+  with pytest.raises(image.DataError, match=r"'test\[10000:\]' has 0"):
+    image.build(c, batch_size=8, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS.
+
+def test_tfds_mock_mnist():
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    data = image.build(data_config(name='mnist', download=False), batch_size=8, seed=0)
+    batch = data.train[0]
+    evals = list(data.eval_batches)
+  assert (data.input_shape, data.num_classes, data.num_train, data.num_eval) == (
+      (28, 28, 1), 10, 20, 20)
+  assert batch['inputs'].shape == (8, 28, 28, 1) and batch['inputs'].dtype == np.uint8
+  assert batch['targets'].shape == (8,) and batch['targets'].max() < 10
+  assert len(evals) == 3 and sum(b['mask'].sum() for b in evals) == 20
+
+
+def test_tfds_unprepared_without_download(tmp_path):
+  c = data_config(name='mnist', data_dir=str(tmp_path), download=False)
+  with pytest.raises(image.DataError) as e:
+    image.build(c, batch_size=8, seed=0)
+  message = str(e.value)
+  assert "'mnist'" in message and str(tmp_path) in message and 'tfds build mnist' in message
+
+
+def test_tfds_unknown_name(tmp_path):
+  c = data_config(name='no_such_dataset_xyz', data_dir=str(tmp_path), download=False)
+  with pytest.raises(image.DataError, match="'no_such_dataset_xyz' is not a TFDS dataset"):
+    image.build(c, batch_size=8, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing.
+
+def test_preprocess_scales_and_standardises():
+  mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+  preprocess = image.make_preprocess(data_config(mean=mean, std=std, crop_padding=4,
+                                                 random_flip=True))
+  x = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  expected = (x / 255.0 - np.array(mean)) / np.array(std)
+  # evaluation: normalised, never augmented
+  np.testing.assert_allclose(preprocess(jnp.asarray(x), None, train=False), expected,
+                             rtol=1e-5, atol=1e-6)
+  floats = jnp.asarray(expected, jnp.float32)  # float inputs (e.g. regression) pass through
+  np.testing.assert_array_equal(preprocess(floats, None, train=False), floats)
+
+
+def test_crop_without_padding_or_flip_is_identity():
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 2))
+  np.testing.assert_array_equal(image._random_crop_flip(x, jax.random.key(1), 0, False), x)
+  preprocess = image.make_preprocess(data_config())
+  np.testing.assert_array_equal(preprocess(x, jax.random.key(1), train=True), x)
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+  pad = 2
+  x = jax.random.normal(jax.random.key(0), (16, 6, 6, 2))
+  preprocess = jax.jit(image.make_preprocess(data_config(crop_padding=pad)), static_argnums=2)
+  out = np.asarray(preprocess(x, jax.random.key(3), True))
+  assert out.shape == x.shape
+  padded = np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  offsets = []
+  for i in range(len(x)):
+    windows = [(r, c) for r in range(2 * pad + 1) for c in range(2 * pad + 1)
+               if np.array_equal(padded[i, r:r + 6, c:c + 6], out[i])]
+    assert windows, f'example {i} is not a crop of its padded image'
+    offsets.append(windows[0])
+  assert len(set(offsets)) > 1 and any(o != (pad, pad) for o in offsets)  # crops vary
+
+
+def test_random_flip_mirrors_some_images():
+  x = np.asarray(jax.random.normal(jax.random.key(0), (16, 5, 5, 1)))
+  preprocess = image.make_preprocess(data_config(random_flip=True))
+  out = np.asarray(preprocess(jnp.asarray(x), jax.random.key(4), train=True))
+  flipped = [np.array_equal(o, xi[:, ::-1]) for o, xi in zip(out, x)]
+  kept = [np.array_equal(o, xi) for o, xi in zip(out, x)]
+  assert all(f or k for f, k in zip(flipped, kept))
+  assert any(flipped) and any(kept)
+  other = np.asarray(preprocess(jnp.asarray(x), jax.random.key(5), train=True))
+  assert not np.array_equal(out, other)  # a different rng flips different images

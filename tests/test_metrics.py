@@ -1,0 +1,88 @@
+"""Tests of research.metrics against scikit-learn and PyTorch, which compute the same things
+independently."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import metrics as sk
+
+from research import metrics
+
+
+def random_labels(seed, n=200, num_classes=6):
+  """Labels never contain class 5 and predictions never contain class 4."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes - 1, n)                    # 0..4
+  predictions = np.where(rng.random(n) < 0.5, labels, rng.integers(0, num_classes, n))
+  predictions[predictions == 4] = 3                               # 4 is never predicted
+  return labels, predictions
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_classification_report_matches_sklearn(seed):
+  num_classes = 6
+  labels, predictions = random_labels(seed, num_classes=num_classes)
+  assert 4 not in predictions and 5 not in labels and 5 in predictions
+  classes = list(range(num_classes))
+  confusion = sk.confusion_matrix(labels, predictions, labels=classes)
+  report = metrics.classification_report(confusion)
+  precision, recall, f1, _ = sk.precision_recall_fscore_support(
+      labels, predictions, labels=classes, average='macro', zero_division=0)
+  assert report['accuracy'] == pytest.approx(sk.accuracy_score(labels, predictions))
+  assert report['precision'] == pytest.approx(precision)
+  assert report['recall'] == pytest.approx(recall)
+  assert report['f1'] == pytest.approx(f1)
+
+
+def test_classification_report_perfect_and_empty():
+  perfect = metrics.classification_report(np.diag([3, 0, 5]))
+  # class 1 has no examples and no predictions: precision = recall = F1 = 0 for it.
+  assert perfect['accuracy'] == 1.0
+  assert perfect['precision'] == perfect['recall'] == perfect['f1'] == pytest.approx(2 / 3)
+  empty = metrics.classification_report(np.zeros((3, 3)))
+  assert empty == {'accuracy': 0.0, 'precision': 0.0, 'recall': 0.0, 'f1': 0.0}
+
+
+def test_confusion_matrix_with_mask_matches_sklearn():
+  num_classes = 6
+  labels, predictions = random_labels(3, num_classes=num_classes)
+  mask = (np.random.default_rng(4).random(len(labels)) < 0.7).astype(np.float32)
+  confusion = jax.jit(functools.partial(metrics.confusion_matrix, num_classes=num_classes))(
+      jnp.asarray(labels), jnp.asarray(predictions), mask=jnp.asarray(mask))
+  keep = mask == 1
+  expected = sk.confusion_matrix(labels[keep], predictions[keep], labels=range(num_classes))
+  np.testing.assert_array_equal(np.asarray(confusion), expected)
+  assert confusion.sum() == keep.sum() < len(labels)
+
+
+def test_confusion_matrix_without_mask_counts_everything():
+  labels, predictions = np.array([0, 1, 1, 2, 2, 2]), np.array([0, 2, 1, 2, 0, 2])
+  # rows are true classes, columns predictions, counted by hand from the pairs above
+  expected = np.array([[1, 0, 0], [0, 1, 1], [1, 0, 2]])
+  np.testing.assert_array_equal(metrics.confusion_matrix(labels, predictions, 3), expected)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1, 0.3])
+def test_cross_entropy_matches_torch(smoothing):
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(16, 7)).astype(np.float32) * 3
+  labels = rng.integers(0, 7, 16)
+  expected = torch.nn.functional.cross_entropy(
+      torch.tensor(logits), torch.tensor(labels), label_smoothing=smoothing,
+      reduction='none').numpy()
+  got = metrics.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), smoothing)
+  assert got.shape == (16,)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_squared_error():
+  predictions = np.array([[1.0, 2.0], [0.0, -1.0]], np.float32)
+  targets = np.array([[0.0, 0.0], [0.0, 1.0]], np.float32)
+  # (1 + 4), (0 + 4): summed over output dimensions, one value per example
+  np.testing.assert_allclose(metrics.squared_error(predictions, targets), [5.0, 4.0])
+  # targets of shape (n,) against predictions (n, 1), as in 1-D regression
+  np.testing.assert_allclose(
+      metrics.squared_error(jnp.array([[1.0], [3.0]]), jnp.array([0.5, 1.0])), [0.25, 4.0])

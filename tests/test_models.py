@@ -1,0 +1,208 @@
+"""Tests of research.models: shapes, hand-counted parameter numbers, dropout, BatchNorm, dtypes,
+and the registry's error messages."""
+import math
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ml_collections
+import pytest
+
+from research import config
+from research import models
+
+
+def build(name, **fields):
+  return models.build_model(config.model_config(name, **fields))
+
+
+def num_params(tree):
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def abstract_init(model, input_shape):
+  """Parameter shapes only (jax.eval_shape), so that nothing heavy runs."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
+
+
+def abstract_apply(model, variables, input_shape, **kwargs):
+  return jax.eval_shape(lambda v: model.apply(v, jnp.zeros(input_shape), **kwargs), variables)
+
+
+# Hand counts: dense(i, o) = i*o + o; conv(k, i, o) = k*k*i*o (+ o with a bias);
+# BatchNorm(c) = 2c parameters (scale, bias) plus 2c running statistics (mean, var).
+def dense(i, o):
+  return i * o + o
+
+
+def conv(k, i, o, bias=True):
+  return k * k * i * o + (o if bias else 0)
+
+
+def test_lenet5_parameter_count_and_shape():
+  # 32x32x3 -conv5-> 28x28x6 -pool-> 14x14x6 -conv5-> 10x10x16 -pool-> 5x5x16 = 400.
+  expected = conv(5, 3, 6) + conv(5, 6, 16) + dense(400, 120) + dense(120, 84) + dense(84, 10)
+  assert expected == 456 + 2416 + 48120 + 10164 + 850 == 62_006
+  model = build('lenet5', num_classes=10)
+  variables = abstract_init(model, (2, 32, 32, 3))
+  assert num_params(variables['params']) == expected
+  assert abstract_apply(model, variables, (3, 32, 32, 3)).shape == (3, 10)
+
+
+def test_mnist_cnn_parameter_count_and_shape():
+  # 28 -conv3-> 26 -pool-> 13 -conv3-> 11 -pool-> 5 -conv3-> 3; flatten 3*3*64 = 576.
+  expected = (conv(3, 1, 32) + conv(3, 32, 64) + conv(3, 64, 64) + dense(576, 64)
+              + dense(64, 10))
+  assert expected == 320 + 18496 + 36928 + 36928 + 650 == 93_322
+  model = build('mnist_cnn', num_classes=10)
+  variables = abstract_init(model, (2, 28, 28, 1))
+  assert num_params(variables['params']) == expected
+  assert abstract_apply(model, variables, (3, 28, 28, 1)).shape == (3, 10)
+
+
+def test_mlp_parameter_count_and_shape():
+  expected = dense(784, 512) + dense(512, 512) + dense(512, 10)
+  assert expected == 401_920 + 262_656 + 5_130 == 669_706
+  model = build('mlp', num_outputs=10, hidden_sizes=(512, 512))
+  variables = abstract_init(model, (2, 28, 28, 1))  # flattened to 784
+  assert num_params(variables['params']) == expected
+  assert abstract_apply(model, variables, (3, 28, 28, 1)).shape == (3, 10)
+
+
+def test_resnet18_parameter_count_and_shape():
+  # CIFAR stem: conv3 3->64 (no bias) + BN(64). Each block: conv3 cin->w + BN(w) + conv3 w->w
+  # + BN(w), plus a 1x1 projection conv + BN(w) when the shape changes (first block of stages
+  # 2-4). Head: dense 512 -> 10.
+  bn_channels = 64
+  expected = conv(3, 3, 64, bias=False) + 2 * 64
+  cin = 64
+  for stage in range(4):
+    w = 64 * 2**stage
+    for block in range(2):
+      expected += conv(3, cin, w, False) + conv(3, w, w, False) + 2 * (2 * w)
+      bn_channels += 2 * w
+      if block == 0 and stage > 0:
+        expected += conv(1, cin, w, False) + 2 * w
+        bn_channels += w
+      cin = w
+  expected += dense(512, 10)
+  assert expected == 11_173_962
+  model = build('resnet', num_classes=10, stage_sizes=(2, 2, 2, 2), width=64)
+  variables = abstract_init(model, (2, 32, 32, 3))
+  assert num_params(variables['params']) == expected
+  assert num_params(variables['batch_stats']) == 2 * bn_channels  # mean and var
+  out = abstract_apply(model, variables, (5, 32, 32, 3))
+  assert out.shape == (5, 10) and out.dtype == jnp.float32
+
+
+def _np_activations():
+  """Independent float64 numpy versions (flax's gelu is the tanh approximation)."""
+  gelu = lambda z: 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+  return {'sigmoid': lambda z: 1 / (1 + np.exp(-z)), 'relu': lambda z: np.maximum(z, 0),
+          'tanh': np.tanh, 'gelu': gelu}
+
+
+@pytest.mark.parametrize('activation', ['sigmoid', 'relu', 'tanh', 'gelu'])
+def test_mlp_activation_matches_numpy(activation):
+  model = build('mlp', num_outputs=3, hidden_sizes=(7,), activation=activation)
+  x = jax.random.normal(jax.random.key(1), (4, 5))
+  variables = model.init(jax.random.key(0), x)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
+  hidden = _np_activations()[activation](np.asarray(x, np.float64) @ p['Dense_0']['kernel']
+                                         + p['Dense_0']['bias'])
+  expected = hidden @ p['Dense_1']['kernel'] + p['Dense_1']['bias']
+  np.testing.assert_allclose(model.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_initializer_scales():
+  stds = {'normal': 0.01, 'lecun_normal': math.sqrt(1 / 784), 'he_normal': math.sqrt(2 / 784),
+          'xavier_uniform': math.sqrt(2 / (784 + 512))}  # uniform(+-sqrt(6/(in+out))): std
+  mlps = {name: build('mlp', num_outputs=10, hidden_sizes=(512,), kernel_init=name)
+          for name in stds}
+  kernels = jax.jit(lambda key: {  # one compilation for all four
+      name: m.init(key, jnp.zeros((1, 784)))['params']['Dense_0']['kernel']
+      for name, m in mlps.items()})(jax.random.key(0))
+  for name, std in stds.items():
+    assert kernels[name].shape == (784, 512)
+    assert abs(float(jnp.std(kernels[name])) / std - 1) < 0.05, name
+  assert float(jnp.abs(kernels['xavier_uniform']).max()) <= math.sqrt(6 / (784 + 512))
+
+
+def test_mlp_unknown_activation_names_the_key():
+  model = build('mlp', activation='swish')
+  with pytest.raises(ValueError, match=r'config\.model\.activation'):
+    model.init(jax.random.key(0), jnp.zeros((1, 4)))
+
+
+def test_dropout_only_in_training():
+  x = jax.random.normal(jax.random.key(1), (16, 20))
+  model = build('mlp', num_outputs=4, hidden_sizes=(64,), dropout_rate=0.5)
+  variables = model.init(jax.random.key(0), x)
+  no_dropout = build('mlp', num_outputs=4, hidden_sizes=(64,), dropout_rate=0.0)
+  reference = no_dropout.apply(variables, x, train=True)
+  np.testing.assert_allclose(model.apply(variables, x, train=False), reference, rtol=1e-6)
+  train = lambda seed: model.apply(variables, x, train=True,
+                                   rngs={'dropout': jax.random.key(seed)})
+  assert not np.allclose(train(0), reference)
+  assert not np.allclose(train(0), train(1))
+  np.testing.assert_array_equal(train(2), train(2))
+
+
+def test_resnet_batchnorm_train_updates_stats_eval_uses_them():
+  model = build('resnet', num_classes=10, stage_sizes=(1,), width=4, bn_momentum=0.9)
+  evaluate = jax.jit(model.apply)
+  train = jax.jit(lambda v, b: model.apply(v, b, train=True, mutable=['batch_stats']))
+  x = jax.random.normal(jax.random.key(1), (4, 6, 6, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  _, updates = train(variables, x)
+  # The stem BatchNorm's running mean: 0.9 * 0 + 0.1 * (batch mean of the stem conv output).
+  stem = nn.Conv(4, (3, 3), use_bias=False).apply(
+      {'params': variables['params']['Conv_0']}, x)
+  np.testing.assert_allclose(updates['batch_stats']['BatchNorm_0']['mean'],
+                             0.1 * stem.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+  variables = {'params': variables['params'], **updates}
+
+  other = jax.random.normal(jax.random.key(2), (3, 6, 6, 3))
+  batch_a, batch_b = x, jnp.concatenate([x[:1], other])
+  # Evaluation: example 0's output does not depend on the rest of the batch.
+  eval_a, eval_b, alone = (evaluate(variables, b) for b in (batch_a, batch_b, x[:1]))
+  np.testing.assert_allclose(eval_a[0], eval_b[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(eval_a[0], alone[0], rtol=1e-5, atol=1e-6)
+  # Training: it does (batch statistics), which shows the check above can fail.
+  assert not np.allclose(train(variables, batch_a)[0][0], train(variables, batch_b)[0][0],
+                         rtol=1e-3)
+
+
+@pytest.mark.parametrize('name,fields,shape', [
+    ('mlp', {'hidden_sizes': (8,)}, (2, 6)),
+    ('lenet5', {}, (2, 32, 32, 3)),
+    ('mnist_cnn', {}, (2, 28, 28, 1)),
+    ('resnet', {'stage_sizes': (2, 2, 2, 2), 'width': 64}, (2, 32, 32, 3)),
+])
+def test_bfloat16_compute_float32_params(name, fields, shape):
+  model = build(name, dtype='bfloat16', **fields)
+  variables = abstract_init(model, shape)  # dtypes only: nothing is computed
+  assert {a.dtype for a in jax.tree.leaves(variables['params'])} == {jnp.dtype('float32')}
+  out, state = abstract_apply(model, variables, shape, capture_intermediates=True,
+                              mutable=['intermediates'])
+  inner = [a for path, a in jax.tree_util.tree_leaves_with_path(state['intermediates'])
+           if len(path) > 2]  # submodules' outputs, not the model's own (cast) output
+  assert inner and {a.dtype for a in inner} == {jnp.dtype('bfloat16')}
+  assert out.dtype == jnp.float32
+
+
+def test_unknown_model_name_suggests_close_match():
+  with pytest.raises(ValueError, match=r"'mpl'.*did you mean 'mlp'"):
+    models.model_class('mpl')
+  with pytest.raises(ValueError, match=r"'resnte'.*did you mean 'resnet'"):
+    models.build_model(ml_collections.ConfigDict({'name': 'resnte'}))
+
+
+def test_unknown_model_field_suggests_close_match():
+  bad = ml_collections.ConfigDict({'name': 'mlp', 'hiden_sizes': (4,)})
+  with pytest.raises(ValueError,
+                     match=r'config\.model\.hiden_sizes.*did you mean config\.model\.hidden_sizes'):
+    models.build_model(bad)
+  with pytest.raises(ValueError, match=r'config\.model\.widht.*config\.model\.width'):
+    config.model_config('resnet', widht=16)

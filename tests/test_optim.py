@@ -1,0 +1,152 @@
+"""Tests of research.optim: schedules, the weight-decay mask, clipping, and the optimizers
+against torch.optim on the same problem."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from research import config
+from research import models
+from research import optim
+
+
+def opt_config(**overrides):
+  c = config.defaults().optimizer
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def test_constant_schedule():
+  schedule = optim.make_schedule(opt_config(learning_rate=0.3), total_steps=100)
+  np.testing.assert_allclose([schedule(s) for s in (0, 50, 100)], 0.3, rtol=1e-6)
+
+
+def test_warmup_cosine_schedule():
+  c = opt_config(learning_rate=0.1, schedule='warmup_cosine', warmup_steps=10,
+                 min_learning_rate=0.001)
+  schedule = optim.make_schedule(c, total_steps=110)
+  values = np.array([schedule(s) for s in range(111)])
+  np.testing.assert_allclose(values[[0, 5, 10]], [0.0, 0.05, 0.1], rtol=1e-6, atol=1e-9)
+  assert values.argmax() == 10                              # peak at the end of warm-up
+  # half-way through the cosine: min + (peak - min) * (1 + cos(pi / 2)) / 2
+  np.testing.assert_allclose(values[60], 0.001 + 0.099 / 2, rtol=1e-5)
+  np.testing.assert_allclose(values[110], 0.001, rtol=1e-5)  # min_learning_rate at the end
+  assert np.all(np.diff(values[10:]) <= 1e-9)                # decreasing after the peak
+
+
+@pytest.mark.parametrize('warmup', [0, 10])
+def test_piecewise_schedule_drops_at_fractions(warmup):
+  c = opt_config(learning_rate=1.0, schedule='piecewise', warmup_steps=warmup,
+                 boundaries=(0.5, 0.75), scales=(0.1, 0.5))
+  schedule = optim.make_schedule(c, total_steps=100)
+  # drops at exactly steps 50 (x0.1) and 75 (x0.5) of 100, counted from step 0 with warm-up too
+  for step, lr in [(warmup + 1, 1.0), (49, 1.0), (50, 0.1), (74, 0.1), (75, 0.05), (100, 0.05)]:
+    np.testing.assert_allclose(schedule(step), lr, rtol=1e-6, err_msg=f'step {step}')
+
+
+def test_decay_mask_excludes_vectors():
+  model = models.build_model(config.model_config('resnet', stage_sizes=(1, 1), width=4))
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+  flat = jax.tree_util.tree_leaves_with_path(optim.decay_mask(params))
+  names = {jax.tree_util.keystr(path): decay for path, decay in flat}
+  assert names["['Conv_0']['kernel']"] and names["['Dense_0']['kernel']"]
+  assert not names["['BatchNorm_0']['scale']"] and not names["['Dense_0']['bias']"]
+  assert sum(names.values()) == 1 + 2 + 2 + 1 + 1  # stem, 2 per block, projection, head
+
+
+@pytest.mark.parametrize('name', ['adamw', 'sgd', 'adam'])
+def test_weight_decay_skips_biases(name):
+  lr, wd = 0.1, 0.1
+  tx, _ = optim.make_optimizer(
+      opt_config(name=name, learning_rate=lr, weight_decay=wd, momentum=0.0), total_steps=10)
+  params = {'kernel': jnp.full((3, 2), 2.0), 'bias': jnp.full((2,), 2.0)}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new['bias'], params['bias'])
+  if name == 'adamw':     # decoupled: kernel * (1 - lr * wd)
+    np.testing.assert_allclose(new['kernel'], 2.0 * (1 - lr * wd), rtol=1e-6)
+  elif name == 'sgd':     # L2 gradient wd * kernel, step lr
+    np.testing.assert_allclose(new['kernel'], 2.0 - lr * wd * 2.0, rtol=1e-6)
+  else:                   # adam normalises the L2 gradient: a step of about lr
+    np.testing.assert_allclose(new['kernel'], 2.0 - lr, rtol=1e-5)
+
+
+def quadratic_problem():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(8, 3)).astype(np.float32)
+  y = rng.normal(size=(8, 2)).astype(np.float32)
+  w0 = rng.normal(size=(3, 2)).astype(np.float32)
+  return x, y, w0
+
+
+def run_optax(c, steps=6):
+  x, y, w = quadratic_problem()
+  loss = lambda w: 0.5 * jnp.mean(jnp.sum((x @ w - y) ** 2, -1))
+  tx, _ = optim.make_optimizer(c, total_steps=100)
+  params = {'w': jnp.asarray(w)}
+  state = tx.init(params)
+  for _ in range(steps):
+    grads = jax.grad(lambda p: loss(p['w']))(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return np.asarray(params['w'])
+
+
+def run_torch(torch, make, steps=6):
+  x, y, w = (torch.tensor(a) for a in quadratic_problem())
+  w.requires_grad_(True)
+  opt = make([w])
+  for _ in range(steps):
+    opt.zero_grad()
+    (0.5 * ((x @ w - y) ** 2).sum(-1).mean()).backward()
+    opt.step()
+  return w.detach().numpy()
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+@pytest.mark.parametrize('weight_decay', [0.0, 0.05])
+def test_sgd_matches_torch(nesterov, weight_decay):
+  torch = pytest.importorskip('torch')
+  c = opt_config(name='sgd', learning_rate=0.1, momentum=0.9, nesterov=nesterov,
+                 weight_decay=weight_decay)
+  expected = run_torch(torch, lambda p: torch.optim.SGD(
+      p, lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay))
+  assert not np.allclose(expected, quadratic_problem()[2])  # the parameters moved
+  np.testing.assert_allclose(run_optax(c), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name,weight_decay', [('adam', 0.0), ('adam', 0.05), ('adamw', 0.05)])
+def test_adam_matches_torch(name, weight_decay):
+  torch = pytest.importorskip('torch')
+  c = opt_config(name=name, learning_rate=0.05, b1=0.8, b2=0.99, eps=1e-6,
+                 weight_decay=weight_decay)
+  cls = {'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}[name]
+  expected = run_torch(torch, lambda p: cls(p, lr=0.05, betas=(0.8, 0.99), eps=1e-6,
+                                            weight_decay=weight_decay))
+  np.testing.assert_allclose(run_optax(c), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_clipping_by_global_norm():
+  tx, _ = optim.make_optimizer(opt_config(name='sgd', learning_rate=1.0, momentum=0.0,
+                                          grad_clip_norm=1.0), total_steps=10)
+  params = {'a': jnp.zeros(2), 'b': jnp.zeros((1, 1))}
+  big = {'a': jnp.array([3.0, 0.0]), 'b': jnp.array([[4.0]])}   # global norm 5
+  updates, _ = tx.update(big, tx.init(params), params)
+  np.testing.assert_allclose(updates['a'], [-0.6, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(updates['b'], [[-0.8]], rtol=1e-6)
+  assert math.isclose(float(optax.tree.norm(updates)), 1.0, rel_tol=1e-6)
+  small = {'a': jnp.array([0.3, 0.0]), 'b': jnp.array([[0.4]])}  # global norm 0.5: unchanged
+  updates, _ = tx.update(small, tx.init(params), params)
+  np.testing.assert_allclose(updates['a'], [-0.3, 0.0], rtol=1e-6)
+
+
+def test_unknown_names_raise_naming_the_key():
+  with pytest.raises(ValueError, match=r"config\.optimizer\.name='adamm'"):
+    optim.make_optimizer(opt_config(name='adamm'), total_steps=10)
+  with pytest.raises(ValueError, match=r"config\.optimizer\.schedule='cosine'"):
+    optim.make_optimizer(opt_config(schedule='cosine'), total_steps=10)

@@ -1,0 +1,191 @@
+"""Interruption, preemption, damaged checkpoints, bad numbers and bad input.
+
+The kill and preemption tests run the real launch.py in a subprocess and send real signals.
+When to interrupt is chosen by step count (the progress line of step 20), never by sleeping.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from research import checkpoint
+from research import train
+from tests.conftest import ROOT
+from tests.test_train import cpu_config, final_params, launch_command, read_metrics, run_launch
+
+def launch_args(workdir):
+  """mnist_mlp with dropout and a cosine schedule: resume must restore rng and schedule."""
+  return ['--config=experiments/mnist_mlp.py:cpu', f'--workdir={workdir}',
+          '--config.total_steps=400', '--config.batch_size=16', '--config.log_every_steps=1',
+          '--config.eval_every_steps=200', '--config.checkpoint_every_steps=10',
+          '--config.optimizer.schedule=warmup_cosine', '--config.optimizer.warmup_steps=5']
+
+
+def interrupt_at_step_20(workdir, sig):
+  """Starts a run, sends `sig` once it has printed step 20's progress line, waits for it."""
+  command, env = launch_command(*launch_args(workdir), mock_tfds=True)
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:
+    if line.startswith('step 20/'):
+      proc.send_signal(sig)
+      break
+  out = proc.stdout.read()
+  return proc.wait(timeout=300), out
+
+
+def last_records(workdir):
+  """The last record written for each (step, split), without wall-clock fields."""
+  out = {}
+  for r in read_metrics(workdir):
+    out[r['step'], r['split']] = {k: v for k, v in r.items()
+                                  if k not in ('time', 'examples_per_sec')}
+  return out
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  result = run_launch(*launch_args(workdir), mock_tfds=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return last_records(workdir)
+
+
+def test_sigkill_then_relaunch_is_bitwise_identical(tmp_path, uninterrupted):
+  workdir = str(tmp_path / 'run')
+  code, _ = interrupt_at_step_20(workdir, signal.SIGKILL)
+  assert code == -signal.SIGKILL
+  saved = checkpoint.manager(workdir, 3, 10).latest_step()
+  assert saved is not None and saved < 400  # it really was interrupted mid-run
+  resumed = run_launch(*launch_args(workdir), mock_tfds=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'resuming from step {saved}' in resumed.stdout
+  assert last_records(workdir) == uninterrupted
+
+
+def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(tmp_path, uninterrupted):
+  workdir = str(tmp_path / 'run')
+  code, out = interrupt_at_step_20(workdir, signal.SIGTERM)
+  assert code == 0
+  stopped = int(out.split('SIGTERM: saved step ')[1].split()[0])
+  assert 20 <= stopped < 400
+  assert checkpoint.manager(workdir, 3, 10).latest_step() == stopped
+  resumed = run_launch(*launch_args(workdir), mock_tfds=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'resuming from step {stopped}' in resumed.stdout
+  assert last_records(workdir) == uninterrupted
+
+
+def small_run(tmp_path, **overrides):
+  config = cpu_config('linear_regression', total_steps=30, checkpoint_every_steps=10,
+                      eval_every_steps=30, log_every_steps=10, **overrides)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_partial_and_damaged_checkpoints_are_never_loaded(tmp_path, capsys):
+  config, workdir = small_run(tmp_path)
+  ckpts = os.path.join(workdir, 'checkpoints')
+  assert sorted(os.listdir(ckpts)) == ['10', '20', '30']
+  # An interrupted save: Orbax's temporary folder, never renamed to its step.
+  os.makedirs(os.path.join(ckpts, '40.orbax-checkpoint-tmp-1234', 'default'))
+  # A damaged complete checkpoint: its array data is gone.
+  for folder in ('ocdbt.process_0', 'd'):
+    shutil.rmtree(os.path.join(ckpts, '30', 'default', folder))
+  step, params = final_params(config, workdir)
+  assert step == 20
+  assert 'newer checkpoints could not be loaded' in capsys.readouterr().out
+  assert np.all(np.isfinite(params['Dense_0']['kernel']))
+
+
+def test_incompatible_model_change_is_explained_and_safe_changes_are_logged(tmp_path, capsys):
+  config, workdir = small_run(tmp_path)
+  wider = cpu_config('linear_regression', total_steps=30)
+  wider.model.hidden_sizes = (8,)
+  with pytest.raises(ValueError, match=r'does not fit this config: params/Dense_0/bias is \(1,\) in the checkpoint but \(8,\) now'):
+    train.train_and_evaluate(wider, workdir)
+  config.total_steps, config.optimizer.learning_rate = 40, 0.01
+  train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert 'optimizer.learning_rate: 0.05 -> 0.01' in out and 'total_steps: 30 -> 40' in out
+  assert 'resuming from step 30' in out
+
+
+def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
+  _, source = small_run(tmp_path)
+  _, trained = final_params(cpu_config('linear_regression'), source)
+  config = cpu_config('linear_regression', total_steps=1, init_from=source)
+  config.optimizer.learning_rate = 0.0
+  workdir = str(tmp_path / 'warm')
+  train.train_and_evaluate(config, workdir)
+  step, warm = final_params(config, workdir)
+  assert step == 1  # a new run (step 0 -> 1), not a resumed one
+  jax.tree.map(np.testing.assert_array_equal, warm, trained)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
+  config = cpu_config('linear_regression', total_steps=200, checkpoint_every_steps=10,
+                      log_every_steps=20, eval_every_steps=200)
+  # Plain SGD above its stability limit: the error grows ~6x a step and overflows near step 50.
+  config.optimizer.name, config.optimizer.learning_rate = 'sgd', 10.0
+  config.optimizer.momentum = 0.0
+  with pytest.raises(FloatingPointError, match=r'loss is (nan|inf) at step \d+\. The last good'):
+    train.train_and_evaluate(config, str(tmp_path))
+  step, params = final_params(config, str(tmp_path))  # the newest checkpoint is a good one
+  assert step is not None and step > 0
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_nonfinite_skip_mode_skips_updates_and_counts_them(tmp_path):
+  config = cpu_config('linear_regression', total_steps=20, log_every_steps=20,
+                      checkpoint_every_steps=20, eval_every_steps=20, nonfinite='skip')
+  config.optimizer.name, config.optimizer.learning_rate = 'sgd', 1e6
+  train.train_and_evaluate(config, str(tmp_path))
+  line = [r for r in read_metrics(tmp_path) if r['split'] == 'train'][-1]
+  assert line['skipped'] > 0
+  _, params = final_params(config, str(tmp_path))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_unwritable_and_full_workdirs_fail_early(tmp_path, monkeypatch):
+  (tmp_path / 'a_file').write_text('not a folder')
+  config = cpu_config('linear_regression')
+  with pytest.raises(OSError, match='is not writable'):
+    train.train_and_evaluate(config, str(tmp_path / 'a_file' / 'run'))
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(1, 1, 10))  # pylint: disable=protected-access
+  with pytest.raises(OSError, match='10 B free|0 MiB free'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_config_errors_name_the_key(tmp_path):
+  with pytest.raises(ValueError, match=r'n_embd=128 must be divisible by config\.model\.n_head=3'):
+    train.setup(cpu_config('gpt_small', **{'model.n_head': 3}), str(tmp_path))
+  with pytest.raises(ValueError, match=r'seq_len=512 is longer than .*block_size=128'):
+    train.setup(cpu_config('gpt_small', **{'data.seq_len': 512, 'data.max_bytes': 100000}),
+                str(tmp_path))
+  with pytest.raises(TypeError):
+    cpu_config('mnist_cnn', batch_size='sixteen')
+  with pytest.raises(ValueError, match='config.nonfinite'):
+    train.setup(cpu_config('mnist_cnn', nonfinite='ignore'), str(tmp_path))
+
+
+def test_missing_experiment_file_is_reported(tmp_path):
+  result = run_launch('--config=experiments/no_such_experiment.py', f'--workdir={tmp_path}')
+  assert result.returncode != 0
+  assert 'no_such_experiment.py' in result.stderr
+
+
+def test_tokenizer_mismatch_with_the_checkpoint_is_reported(tmp_path):
+  config = cpu_config('gpt_small', **{'data.max_bytes': 100000, 'sample.max_new_tokens': 0,
+                                      'max_eval_batches': 1})
+  train.train_and_evaluate(config, str(tmp_path))
+  config.data.tokenizer = 'char'
+  with pytest.raises(ValueError, match=r'tokenizer .* differs from the one the checkpoint'):
+    train.train_and_evaluate(config, str(tmp_path))

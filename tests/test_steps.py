@@ -1,0 +1,117 @@
+"""Tests of research.steps on tiny problems: training lowers the loss, gradient accumulation
+gives the whole-batch update, evaluation ignores padding, and the MSE path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research import config
+from research import models
+from research import optim
+from research import steps
+from research.data import image
+
+
+def setup(model_name='mlp', loss='cross_entropy', num_classes=3, grad_accum_steps=1,
+          input_shape=(5,), optimizer=None, **model_fields):
+  if model_name == 'mlp':
+    model_fields.setdefault('num_outputs', num_classes)
+  model = models.build_model(config.model_config(model_name, **model_fields))
+  c = config.defaults().optimizer
+  for key, value in (optimizer or {'name': 'adam', 'learning_rate': 0.05}).items():
+    c[key] = value
+  tx, _ = optim.make_optimizer(c, total_steps=100)
+  train_step, eval_step = steps.make_steps(
+      model, tx, loss=loss, preprocess=image.make_preprocess(config.defaults().data),
+      num_classes=num_classes, grad_accum_steps=grad_accum_steps)
+  state = steps.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *input_shape)))
+  return model, state, jax.jit(train_step), jax.jit(eval_step)
+
+
+def classification_batch(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 5)).astype(np.float32)
+  y = np.argmax(x @ rng.normal(size=(5, 3)), -1).astype(np.int32)  # linearly separable
+  return {'inputs': jnp.asarray(x), 'targets': jnp.asarray(y)}
+
+
+def test_train_step_lowers_loss():
+  _, state, train_step, _ = setup(hidden_sizes=(16,))
+  batch, losses = classification_batch(), []
+  for _ in range(15):
+    state, metrics = train_step(state, batch, jax.random.key(1))
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 15
+  assert losses[-1] < 0.5 * losses[0]
+  assert 0.0 <= float(metrics['accuracy']) <= 1.0 and np.isfinite(float(metrics['grad_norm']))
+
+
+def test_grad_accumulation_matches_whole_batch():
+  sgd = {'name': 'sgd', 'learning_rate': 0.5, 'momentum': 0.0}
+  batch = classification_batch(16)
+  results = []
+  for accum in (1, 4):
+    _, state, train_step, _ = setup(hidden_sizes=(16,), grad_accum_steps=accum, optimizer=sgd)
+    results.append(train_step(state, batch, jax.random.key(1)))
+  (one, m1), (four, m4) = results
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), one.params, state.params)
+  assert min(jax.tree.leaves(moved)) > 1e-4   # the update is not trivially zero
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one.params, four.params)
+  np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-6)
+  np.testing.assert_allclose(m1['grad_norm'], m4['grad_norm'], rtol=1e-5)
+
+
+def test_eval_step_ignores_masked_examples():
+  model, state, _, eval_step = setup(hidden_sizes=(16,))
+  batch = classification_batch(8)
+  batch['mask'] = jnp.array([1, 1, 1, 1, 1, 1, 0, 0], jnp.float32)
+  sums = eval_step(state, batch)
+  assert float(sums['count']) == 6 and float(sums['confusion'].sum()) == 6
+  # the loss sum, from the model's logits with a numpy log-softmax
+  logits = np.asarray(model.apply({'params': state.params}, batch['inputs']), np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -log_probs[np.arange(8), np.asarray(batch['targets'])]
+  np.testing.assert_allclose(sums['loss_sum'], nll[:6].sum(), rtol=1e-5)
+
+  padded = dict(batch, inputs=batch['inputs'].at[7].set(100.0),
+                targets=batch['targets'].at[7].set(0))
+  jax.tree.map(np.testing.assert_array_equal, eval_step(state, padded), sums)
+  real = dict(batch, inputs=batch['inputs'].at[0].set(100.0))
+  assert float(eval_step(state, real)['loss_sum']) != float(sums['loss_sum'])
+
+
+def test_mse_path():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (32, 1)).astype(np.float32)
+  batch = {'inputs': jnp.asarray(x), 'targets': jnp.asarray(2 * x + 1)}
+  sgd = {'name': 'sgd', 'learning_rate': 0.3, 'momentum': 0.0}
+  model, state, train_step, eval_step = setup(loss='mse', num_classes=0, input_shape=(1,),
+                                              num_outputs=1, hidden_sizes=(), optimizer=sgd)
+  losses = []
+  for _ in range(30):
+    state, metrics = train_step(state, batch, jax.random.key(1))
+    losses.append(float(metrics['loss']))
+  assert 'accuracy' not in metrics and losses[-1] < 0.05 * losses[0]
+  y = (2 * x + 1 + rng.normal(size=x.shape)).astype(np.float32)  # noisy: a sizeable loss
+  sums = eval_step(state, {'inputs': jnp.asarray(x), 'targets': jnp.asarray(y),
+                           'mask': jnp.ones(32).at[-2:].set(0)})
+  assert 'confusion' not in sums and float(sums['count']) == 30
+  w, b = (np.asarray(state.params['Dense_0'][k], np.float64) for k in ('kernel', 'bias'))
+  np.testing.assert_allclose(sums['loss_sum'], np.sum(((x @ w + b - y) ** 2)[:30]), rtol=1e-5)
+
+
+def test_batch_norm_state_updated_by_train_step():
+  _, state, train_step, _ = setup('resnet', num_classes=10, input_shape=(6, 6, 3),
+                                  stage_sizes=(1,), width=4)
+  x = jax.random.normal(jax.random.key(2), (8, 6, 6, 3))
+  batch = {'inputs': x, 'targets': jnp.arange(8) % 10}
+  new, _ = train_step(state, batch, jax.random.key(1))
+  before = state.model_state['batch_stats']['BatchNorm_0']['mean']
+  after = new.model_state['batch_stats']['BatchNorm_0']['mean']
+  assert not np.allclose(before, after)
+
+
+def test_unknown_loss_names_the_key():
+  model = models.build_model(config.model_config('mlp'))
+  with pytest.raises(ValueError, match=r"config\.loss='hinge'"):
+    steps.make_steps(model, None, loss='hinge', preprocess=None)
