@@ -1,0 +1,131 @@
+"""Training-step benchmark: `python -m research.benchmark --config=experiments/X.py[:ARG]`.
+
+Builds the experiment exactly as training does (same model, optimizer, shardings and compiled
+step), compiles the train step ahead of time, runs --warmup steps, then times --steps steps
+one by one (each waited for) on one real batch from the experiment's own pipeline, so the
+figures are the device's speed, not the input pipeline's. The last line printed is one JSON
+object: tokens_per_sec (language models) or examples_per_sec, step_ms (median), compile_s,
+mfu, peak_memory_bytes, params, batch_size, seq_len, device_kind, device_count, config.
+
+--compile_only compiles the step ahead of time for the configured devices and prints its
+compile time, memory (per device) and XLA's FLOPs per step instead, before a long run.
+"""
+import json
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from research import metrics as metrics_lib
+from research import train
+from research.models import transformer
+
+config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].',
+                                lock_config=True)
+flags.DEFINE_integer('steps', 20, 'Timed steps.')
+flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+flags.DEFINE_bool('compile_only', False, 'Compile the train step ahead of time for the configured '
+                  'devices and print its compile time, memory per device and FLOPs per step, '
+                  'without allocating the state or running a step.')
+flags.mark_flag_as_required('config')
+FLAGS = flags.FLAGS
+
+
+def peak_memory_bytes(compiled_step) -> int | None:
+  """The device allocator's peak where it reports one (GPU, TPU), else XLA's own estimate."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use'])
+  analysis = compiled_step.memory_analysis()
+  if analysis is None:
+    return None
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def compile_only(config, name: str = '') -> dict:
+  """Ahead-of-time compilation of the train step from abstract shapes: nothing is allocated."""
+  with tempfile.TemporaryDirectory() as workdir:
+    exp = train.setup(config, workdir)
+    sharding = exp.compiled.state_sharding
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    state = jax.tree.map(abstract, jax.eval_shape(exp.compiled.init_state, exp.init_rng))
+    example = next(exp.data.train_batches(0))
+    batch = jax.eval_shape(exp.compiled.put_batch, example)
+    start = time.perf_counter()
+    step = exp.compiled.train_step.lower(state, batch, exp.rng).compile()
+    compile_s = time.perf_counter() - start
+    memory = step.memory_analysis()
+    cost = step.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {
+        'compile_s': compile_s,
+        'flops_per_step': float(cost.get('flops', float('nan'))),
+        'argument_bytes': int(memory.argument_size_in_bytes),
+        'temp_bytes': int(memory.temp_size_in_bytes),
+        'output_bytes': int(memory.output_size_in_bytes),
+        'params': sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
+        'batch_size': exp.config.batch_size,
+        'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+        'config': name}
+
+
+def run(config, steps: int, warmup: int, name: str = '') -> dict:
+  with tempfile.TemporaryDirectory() as workdir:
+    exp = train.setup(config, workdir)
+    config = exp.config
+    state, _ = train.restore_or_init(exp)
+    batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
+    start = time.perf_counter()
+    step = exp.compiled.train_step.lower(state, batch, exp.rng).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+      state, metrics = step(state, batch, exp.rng)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = step(state, batch, exp.rng)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    if not np.isfinite(float(jax.device_get(metrics['loss']))):
+      raise FloatingPointError('The benchmarked steps produced a non-finite loss.')
+    params = exp.compiled.get_state(state).params
+    num_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    step_s = statistics.median(times)
+    result = {'examples_per_sec': config.batch_size / step_s}
+    seq_len = config.data.seq_len if config.data.name == 'text' else None
+    mfu = None
+    if config.model.name == 'gpt':
+      result['tokens_per_sec'] = result['examples_per_sec'] * seq_len
+      per_token = transformer.flops_per_token(
+          num_params - params['wpe']['embedding'].size, config.model.n_layer,
+          config.model.n_embd, seq_len)
+      peak, _ = metrics_lib.peak_flops(jax.devices()[0])
+      mfu = per_token * result['tokens_per_sec'] / (peak * jax.device_count())
+    result.update(
+        step_ms=1000 * step_s, compile_s=compile_s, mfu=mfu,
+        peak_memory_bytes=peak_memory_bytes(step), params=num_params,
+        batch_size=config.batch_size, seq_len=seq_len,
+        device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
+        config=name)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  name = flags.FLAGS['config'].config_filename
+  if FLAGS.compile_only:
+    print(json.dumps(compile_only(FLAGS.config, name)))
+  else:
+    print(json.dumps(run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name)))
+
+
+if __name__ == '__main__':
+  app.run(main)

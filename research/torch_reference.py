@@ -1,0 +1,134 @@
+"""PyTorch reference for the benchmark: the same networks, trained the same way, in eager torch.
+
+  python -m research.torch_reference --config=experiments/gpt_small.py:nano [--steps=N]
+
+Reads the experiment's config and builds the matching torch network (a nanoGPT-style GPT with
+the same layer sizes and tied head, or the MNIST CNN / LeNet-5), trains it with the same
+optimizer (AdamW / Adam, float32) on random data of the same shape, and prints one JSON line
+in the format of `research.benchmark`. Only for measuring; torch is a test dependency
+(requirements-test.txt), not a dependency of the library.
+"""
+import json
+import math
+import statistics
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].')
+flags.DEFINE_integer('steps', 20, 'Timed steps.')
+flags.DEFINE_integer('warmup', 3, 'Untimed steps.')
+flags.DEFINE_integer('vocab_size', 257, 'GPT: the vocabulary (the byte tokenizer has 257).')
+FLAGS = flags.FLAGS
+
+
+class Block(nn.Module):
+  def __init__(self, width, heads, bias):
+    super().__init__()
+    self.heads = heads
+    self.ln_1, self.ln_2 = nn.LayerNorm(width, bias=bias), nn.LayerNorm(width, bias=bias)
+    self.c_attn, self.attn_proj = nn.Linear(width, 3 * width, bias), nn.Linear(width, width, bias)
+    self.c_fc, self.mlp_proj = nn.Linear(width, 4 * width, bias), nn.Linear(4 * width, width, bias)
+
+  def forward(self, x):
+    b, t, c = x.shape
+    q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
+    q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+    return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate='tanh'))
+
+
+class GPT(nn.Module):
+  def __init__(self, vocab, block_size, n_layer, n_head, n_embd, bias):
+    super().__init__()
+    self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block_size, n_embd)
+    self.h = nn.ModuleList(Block(n_embd, n_head, bias) for _ in range(n_layer))
+    self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+
+  def forward(self, idx):
+    x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+    for block in self.h:
+      x = block(x)
+    return self.ln_f(x) @ self.wte.weight.T  # tied head
+
+
+def mnist_cnn():
+  return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3),
+                       nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(),
+                       nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def lenet5():
+  return nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
+                       nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
+                       nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+
+def build(config):
+  """(model, optimizer, inputs, targets, tokens per example) for the experiment."""
+  m, opt, b = config.model, config.optimizer, config.batch_size
+  if m.name == 'gpt':
+    model = GPT(FLAGS.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.use_bias)
+    t = config.data.seq_len
+    x = torch.randint(0, FLAGS.vocab_size, (b, t))
+    y = torch.randint(0, FLAGS.vocab_size, (b, t))
+  elif m.name in ('mnist_cnn', 'lenet5'):
+    model = mnist_cnn() if m.name == 'mnist_cnn' else lenet5()
+    shape = (b, 1, 28, 28) if m.name == 'mnist_cnn' else (b, 3, 32, 32)
+    x, y, t = torch.randn(shape), torch.randint(0, 10, (b,)), None
+  else:
+    raise app.UsageError(f'No torch reference for model {m.name!r}.')
+  if opt.name == 'adamw':
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': opt.weight_decay},
+                                   {'params': rest, 'weight_decay': 0.0}],
+                                  lr=opt.learning_rate, betas=(opt.b1, opt.b2))
+  else:
+    optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate,
+                                 betas=(opt.b1, opt.b2))
+  return model, optimizer, x, y, t
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  torch.manual_seed(0)
+  model, optimizer, x, y, seq_len = build(config)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    loss.backward()
+    if config.optimizer.grad_clip_norm:
+      nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip_norm)
+    optimizer.step()
+    return loss.item()
+
+  for _ in range(FLAGS.warmup):
+    step()
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    loss = step()
+    times.append(time.perf_counter() - start)
+  assert math.isfinite(loss)
+  step_s = statistics.median(times)
+  result = {'examples_per_sec': config.batch_size / step_s}
+  if seq_len:
+    result['tokens_per_sec'] = result['examples_per_sec'] * seq_len
+  result.update(step_ms=1000 * step_s, params=sum(p.numel() for p in model.parameters()),
+                batch_size=config.batch_size, seq_len=seq_len, threads=torch.get_num_threads(),
+                torch=torch.__version__, config=flags.FLAGS['config'].config_filename)
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)
