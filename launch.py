@@ -27,6 +27,11 @@ flags.DEFINE_float('temperature', None, 'sample: 0 is greedy.')
 flags.DEFINE_integer('top_k', None, 'sample: keep the k most likely tokens (0: off).')
 flags.DEFINE_float('top_p', None, 'sample: nucleus sampling threshold (0: off).')
 flags.DEFINE_integer('seed', 0, 'sample: the random seed.')
+flags.DEFINE_bool('distributed', False, 'Several processes: jax.distributed.initialize() with '
+                  'the cluster auto-detected (Cloud TPU, SLURM). Implied by the flags below.')
+flags.DEFINE_string('coordinator_address', None, 'Other clusters: HOST:PORT of process 0.')
+flags.DEFINE_integer('num_processes', None, 'Other clusters: the number of processes.')
+flags.DEFINE_integer('process_id', None, 'Other clusters: this process, 0 .. num_processes-1.')
 FLAGS = flags.FLAGS
 
 
@@ -61,9 +66,22 @@ def sample(workdir: str):
   print()
 
 
+def initialize_distributed():
+  """Joins the other processes of a multi-process run (before any other use of JAX)."""
+  if not (FLAGS.distributed or FLAGS.coordinator_address):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if os.environ.get('JAX_PLATFORMS', '').startswith('cpu') or FLAGS.coordinator_address:
+    # CPU devices of several processes talk through gloo (harmless on accelerators).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  initialize_distributed()
   if not FLAGS['verbosity'].present:  # Orbax logs every save at INFO; --verbosity=0 shows it
     logging.set_verbosity(logging.WARNING)
   from research import train  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)

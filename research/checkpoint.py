@@ -114,28 +114,27 @@ class Preemption:
   """Notices SIGTERM (how Cloud TPU and most schedulers preempt) so the loop can save and stop.
 
   `reached(step)` is True at the first step boundary after a SIGTERM. With several processes
-  they must stop at the same step: JAX's preemption sync point agrees on it when the
-  distributed runtime is up; otherwise each process's own signal flag is used.
+  JAX's preemption sync point makes them agree on that step (its own SIGTERM handler tells the
+  coordination service, so none is installed here); a single process uses a signal flag.
   """
 
   def __init__(self):
     self.signalled = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multi = jax.process_count() > 1
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.signalled = True
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # no preemption service in this runtime: agree on the flags
-        flags = multihost_utils.process_allgather(np.array(self.signalled))
-        return bool(np.any(flags))
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.signalled
 
   def close(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def state_bytes(state) -> int:
