@@ -52,9 +52,9 @@ def compile_only(config, name: str = '') -> dict:
   """Ahead-of-time compilation of the train step from abstract shapes: nothing is allocated."""
   with tempfile.TemporaryDirectory() as workdir:
     exp = train.setup(config, workdir)
-    sharding = exp.compiled.state_sharding
-    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    state = jax.tree.map(abstract, jax.eval_shape(exp.compiled.init_state, exp.init_rng))
+    state = jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        jax.eval_shape(exp.compiled.init_state, exp.init_rng), exp.compiled.state_sharding)
     example = next(exp.data.train_batches(0))
     batch = jax.eval_shape(exp.compiled.put_batch, example)
     start = time.perf_counter()

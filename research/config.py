@@ -106,6 +106,16 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   c.parallel = ml_collections.ConfigDict()
   c.parallel.mode = 'jit'          # jit (a device mesh) | pmap
   c.parallel.num_devices = 0       # 0: every device of every process
+  # Mesh axis sizes (-1: the devices left over); their product is the number of devices.
+  c.parallel.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  # Logical axis name -> mesh axes, first match wins (research/parallel.py).
+  c.parallel.rules = (
+      ('batch', ('data', 'fsdp')),  # activations: the batch is split over data and fsdp
+      ('embed', 'fsdp'),            # parameters: FSDP shards the model width
+      ('vocab', 'tensor'),          # tensor parallelism: vocabulary, heads, MLP width
+      ('heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('kv', None), ('length', None), ('layers', None))
   c.lock()
   return c
 

@@ -1,22 +1,33 @@
-"""Devices, meshes and compiled steps.
+"""Devices, the mesh, shardings and compiled steps.
 
-The default (`parallel.mode='jit'`) compiles the pure steps with `jax.jit` over a `Mesh` whose
-'data' axis spans every device of every process: the batch is split along 'data', the train
-state is replicated, and XLA inserts the gradient all-reduce. The same code runs on one CPU
-core and on a TPU pod. `parallel.mode='pmap'` wraps the *same* step functions in `jax.pmap`
-(gradients averaged by `lax.pmean` inside the step); it is kept for users who ask for pmap and
-is tested to give the same numbers.
+The default (`parallel.mode='jit'`) compiles the pure steps with `jax.jit` over a `Mesh` with
+axes ('data', 'fsdp', 'tensor') spanning every device of every process (`config.parallel.mesh`;
+any axis may be 1, and -1 takes the devices left over). The batch is split over 'data' and
+'fsdp'. Parameters and optimizer state are laid out by their *logical* axis names (models name
+them with `nn.with_logical_partitioning`, e.g. GPT's ('embed', 'mlp')), mapped to mesh axes by
+`config.parallel.rules`: with the default rules 'fsdp' shards parameters and optimizer state
+(FSDP / ZeRO-3) and 'tensor' splits attention heads, MLP width and the vocabulary (Megatron-style
+tensor parallelism). A model without names (the image models) is replicated. XLA inserts the
+collectives. With mesh data=-1 (the default) this is plain data parallelism.
+
+`parallel.mode='pmap'` wraps the *same* step functions in `jax.pmap` (gradients averaged by
+`lax.pmean` inside the step), for pure data parallelism only; it is tested to give the same
+numbers.
 """
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 PMAP_AXIS = 'batch'
+AXES = ('data', 'fsdp', 'tensor')
+BATCH = ('data', 'fsdp')  # the mesh axes the batch is split over
 
 
 def devices(num_devices: int = 0) -> list:
@@ -30,20 +41,45 @@ def devices(num_devices: int = 0) -> list:
   return jax.devices()[:num_devices]
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
-  return Mesh(np.asarray(devices(num_devices)), ('data',))
+def mesh_shape(parallel_config) -> tuple[int, ...]:
+  """(data, fsdp, tensor) from config.parallel.mesh, -1 filled in; checked against devices."""
+  n = len(devices(parallel_config.num_devices))
+  sizes = [int(parallel_config.mesh[axis]) for axis in AXES]
+  given = dict(zip(AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'config.parallel.mesh={given}: sizes must be positive, with at most one '
+                     '-1 (the devices left over).')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes and n % known == 0:
+    sizes = [n // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != n:
+    raise ValueError(f'config.parallel.mesh={given} multiplies to {known} devices, but there '
+                     f'are {n}; make the product {n} (or set one axis to -1).')
+  return tuple(sizes)
 
 
-def check_batch_size(batch_size: int, grad_accum_steps: int = 1, num_devices: int = 0):
+def make_mesh(parallel_config) -> Mesh:
+  shape = mesh_shape(parallel_config)
+  return Mesh(np.asarray(devices(parallel_config.num_devices)).reshape(shape), AXES)
+
+
+def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh):
   """Fails before any compilation when the global batch cannot be split evenly."""
-  n = len(devices(num_devices))
+  n = math.prod(mesh.shape[a] for a in BATCH)
   if batch_size % n:
     raise ValueError(
-        f'config.batch_size={batch_size} is not divisible by the number of devices ({n}); '
-        f'use a multiple of {n}, e.g. {max(1, batch_size // n) * n}.')
+        f'config.batch_size={batch_size} is not divisible by the number of devices it is split '
+        f'over ({n} = mesh data x fsdp); use a multiple of {n}, e.g. '
+        f'{max(1, batch_size // n) * n}.')
   if batch_size % (n * grad_accum_steps):
     raise ValueError(f'config.batch_size={batch_size} must be divisible by devices x '
                      f'config.grad_accum_steps = {n} x {grad_accum_steps}.')
+
+
+def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:
+  """A NamedSharding per state leaf, from the logical names the model gave its parameters."""
+  specs = nn.get_partition_spec(abstract_boxed_state)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
 @dataclasses.dataclass
@@ -53,43 +89,58 @@ class Compiled:
   train_step: Callable[..., Any]   # (state, batch, rng) -> (state, metrics)
   eval_step: Callable[..., Any]    # (state, batch) -> sums
   put_batch: Callable[[Any], Any]  # this process's numpy batch -> device arrays
-  put_state: Callable[[Any], Any]  # a restored (replicated) state -> the layout the steps use
-  get_state: Callable[[Any], Any]  # the steps' layout -> a replicated state (to checkpoint)
+  put_state: Callable[[Any], Any]  # a restored state -> the layout the steps use
+  get_state: Callable[[Any], Any]  # the steps' layout -> the checkpointed layout
   get_metrics: Callable[[Any], Any]  # step outputs -> one copy (still on the device)
-  state_sharding: Any
+  state_sharding: Any              # a NamedSharding per leaf of the (checkpointed) state
 
 
-def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable) -> Compiled:
+def _in_context(fn, mesh, rules):
+  """Traces `fn` with the mesh and logical axis rules set, for the models' constraints."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+
+
+def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable,
+                  state_sharding, rules) -> Compiled:
   """`make_steps(axis_name)` returns (train_step, eval_step) built for that axis (or None)."""
   replicated = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P('data'))
-  init_state = jax.jit(init_fn, out_shardings=replicated)
+  data = NamedSharding(mesh, P(BATCH))
   if mode == 'jit':
-    train_step, eval_step = make_steps(None)
+    train_step, eval_step = (_in_context(f, mesh, rules) for f in make_steps(None))
     return Compiled(
-        init_state=init_state,
-        train_step=jax.jit(train_step, in_shardings=(replicated, data, replicated),
-                           out_shardings=(replicated, replicated), donate_argnums=0),
-        eval_step=jax.jit(eval_step, in_shardings=(replicated, data), out_shardings=replicated),
+        init_state=jax.jit(_in_context(init_fn, mesh, rules), out_shardings=state_sharding),
+        train_step=jax.jit(train_step, in_shardings=(state_sharding, data, replicated),
+                           out_shardings=(state_sharding, replicated), donate_argnums=0),
+        eval_step=jax.jit(eval_step, in_shardings=(state_sharding, data),
+                          out_shardings=replicated),
         put_batch=lambda batch: jax.tree.map(
             functools.partial(jax.make_array_from_process_local_data, data), batch),
         put_state=lambda state: state, get_state=lambda state: state,
-        get_metrics=lambda metrics: metrics, state_sharding=replicated)
+        get_metrics=lambda metrics: metrics, state_sharding=state_sharding)
   if mode == 'pmap':
+    if mesh.shape['fsdp'] > 1 or mesh.shape['tensor'] > 1:
+      raise ValueError('config.parallel.mode=pmap is data parallelism only; use mode=jit for '
+                       f'config.parallel.mesh with fsdp or tensor > 1 (got {dict(mesh.shape)}).')
     train_step, eval_step = make_steps(PMAP_AXIS)
-    devices = list(mesh.devices.flat)
-    n = len(devices)
-    stacked = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+    devs = list(mesh.devices.flat)
+    n = len(devs)
+    stacked = NamedSharding(Mesh(np.asarray(devs), (PMAP_AXIS,)), P(PMAP_AXIS))
     shard = lambda x: jax.device_put(x.reshape(n, -1, *x.shape[1:]), stacked)
     replicate = lambda x: jax.device_put(jnp.broadcast_to(x, (n, *x.shape)), stacked)
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    every_leaf = jax.tree.map(lambda _: replicated, state_sharding)
     return Compiled(
-        init_state=init_state,
+        init_state=jax.jit(init_fn, out_shardings=every_leaf),
         train_step=jax.pmap(train_step, axis_name=PMAP_AXIS, in_axes=(0, 0, None),
-                            donate_argnums=0, devices=devices),
-        eval_step=jax.pmap(eval_step, axis_name=PMAP_AXIS, devices=devices),
+                            donate_argnums=0, devices=devs),
+        eval_step=jax.pmap(eval_step, axis_name=PMAP_AXIS, devices=devs),
         put_batch=lambda batch: jax.tree.map(shard, batch),
         put_state=lambda state: jax.tree.map(replicate, state),
         get_state=lambda state: jax.device_put(first(state), replicated),
-        get_metrics=first, state_sharding=replicated)
+        get_metrics=first, state_sharding=every_leaf)
   raise ValueError(f'config.parallel.mode={mode!r}: use jit or pmap.')
+

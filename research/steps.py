@@ -25,11 +25,14 @@ class TrainState:
   model_state: Any  # mutable collections other than params, e.g. {'batch_stats': ...}, or {}
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, example_inputs):
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, example_inputs,
+               unbox: bool = True):
+  """A fresh state. unbox=False keeps the models' logical axis names (to derive shardings)."""
   variables = model.init({'params': rng, 'dropout': rng}, example_inputs, train=False)
   params = variables.pop('params')
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), model_state=dict(variables))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=tx.init(params), model_state=dict(variables))
+  return nn.meta.unbox(state) if unbox else state
 
 
 def _apply(model, state, params, inputs, train, rng=None):

@@ -49,8 +49,8 @@ class Experiment:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Validates the config and builds data, model, optimizer and compiled steps (lazily)."""
   config = config_lib.resolve(config)
-  parallel.check_batch_size(config.batch_size, config.grad_accum_steps,
-                           config.parallel.num_devices)
+  mesh = parallel.make_mesh(config.parallel)
+  parallel.check_batch_size(config.batch_size, config.grad_accum_steps, mesh)
   data = data_lib.build(config)
   if config.loss == 'cross_entropy' and not (data.num_classes or data.tokenizer):
     raise ValueError(f'config.loss=cross_entropy needs class labels, but {config.data.name!r} '
@@ -82,10 +82,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                             grad_accum_steps=config.grad_accum_steps,
                             skip_nonfinite=config.nonfinite == 'skip', axis_name=axis_name)
 
-  compiled = parallel.compile_steps(
-      config.parallel.mode, parallel.make_mesh(config.parallel.num_devices),
-      lambda rng: steps.init_state(model, tx, rng, example), make_steps)
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
+  boxed = jax.eval_shape(lambda r: steps.init_state(model, tx, r, example, unbox=False), init_rng)
+  rules = tuple(tuple(rule) for rule in config.parallel.rules)
+  compiled = parallel.compile_steps(
+      config.parallel.mode, mesh, lambda r: steps.init_state(model, tx, r, example), make_steps,
+      parallel.state_shardings(boxed, mesh, rules), rules)
   abstract = jax.eval_shape(compiled.init_state, init_rng)
   checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), config.keep_checkpoints)
   ckpt = checkpoint.manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
@@ -94,10 +96,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
 
 def restore_or_init(exp: Experiment):
   """Returns (state in the steps' layout, step): the newest checkpoint, else a fresh init."""
-  abstract = jax.eval_shape(exp.compiled.init_state, exp.init_rng)
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=exp.compiled.state_sharding),
-      abstract)
+      lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(exp.compiled.init_state, exp.init_rng), exp.compiled.state_sharding)
   state, step = checkpoint.restore_latest(exp.ckpt, abstract)
   if state is None:
     state, step = exp.compiled.init_state(exp.init_rng), 0
@@ -221,7 +222,7 @@ def _start(exp, writer):
     if checkpoint.shapes(params) != checkpoint.shapes(fresh.params):
       raise ValueError(f'config.init_from={exp.config.init_from!r}: its parameters do not have '
                        "this model's shapes.")
-    params = jax.device_put(params, exp.compiled.state_sharding)
+    params = jax.device_put(params, exp.compiled.state_sharding.params)
     state = exp.compiled.put_state(fresh.replace(params=params))
     writer.log(f'parameters initialised from {exp.config.init_from}')
   return state, start

@@ -45,3 +45,67 @@ def test_one_step_agrees_on_1_device_jit_8_and_pmap_8(name, tmp_path):
   # The step did something: parameters moved away from their initial values.
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), init, ref_state.params))
   assert max(moved) > 1e-4
+
+
+MESHES = {'1 device': dict(num_devices=1), 'data=8': dict(data=8),
+          'fsdp=8': dict(data=1, fsdp=8), 'data=2 fsdp=2 tensor=2': dict(data=2, fsdp=2, tensor=2)}
+
+
+def gpt_config(**parallel):
+  config = cpu_config('gpt_small', batch_size=16, **{'data.max_bytes': 100000})
+  config.model.n_head = 4  # heads to split over 'tensor'
+  config.parallel.num_devices = parallel.pop('num_devices', 0)
+  for axis, size in parallel.items():
+    config.parallel.mesh[axis] = size
+  return config
+
+
+def test_gpt_agrees_under_data_fsdp_and_tensor_parallelism(tmp_path):
+  results = {name: one_step(gpt_config(**mesh), str(tmp_path / name.replace(' ', '_')))
+             for name, mesh in MESHES.items()}
+  ref_metrics, ref_state = results['1 device']
+  for name, (metrics, state) in results.items():
+    np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 state.params, ref_state.params)
+
+
+def test_parameters_and_optimizer_state_are_sharded_by_logical_names(tmp_path):
+  exp = train.setup(gpt_config(data=2, fsdp=2, tensor=2), str(tmp_path))
+  state, _ = train.restore_or_init(exp)
+  spec = lambda x: tuple(x.sharding.spec)
+  block = state.params['h']  # scanned layers: a leading 'layers' axis, never sharded
+  assert spec(block['c_fc']['kernel']) == (None, 'fsdp', 'tensor')           # embed, mlp
+  assert spec(block['mlp_proj']['kernel']) == (None, 'tensor', 'fsdp')       # mlp, embed
+  assert spec(block['c_attn']['kernel']) == (None, 'fsdp', None, 'tensor', None)  # heads
+  assert spec(state.params['wte']['embedding']) == ('tensor', 'fsdp')         # vocab, embed
+  assert spec(state.opt_state[1][0].mu['h']['c_fc']['kernel']) == (None, 'fsdp', 'tensor')
+  shard = block['c_fc']['kernel'].addressable_shards[0].data
+  assert shard.shape[1:] == (128 // 2, 512 // 2)
+
+
+def test_save_with_fsdp_restore_with_data_parallelism(tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = gpt_config(data=1, fsdp=8)
+  config.total_steps, config.eval_every_steps = 2, 2
+  config.sample.max_new_tokens, config.max_eval_batches = 0, 1
+  train.train_and_evaluate(config, workdir)
+  saved = train.setup(config, workdir)
+  fsdp_state, _ = train.restore_or_init(saved)
+  data = train.setup(gpt_config(data=8), workdir)
+  data_state, step = train.restore_or_init(data)
+  assert step == 2
+  assert not fsdp_state.params['h']['c_fc']['kernel'].sharding.is_fully_replicated
+  assert data_state.params['h']['c_fc']['kernel'].sharding.is_fully_replicated  # fsdp axis: 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(fsdp_state.params),
+               jax.device_get(data_state.params))
+
+
+def test_mesh_that_does_not_fit_the_devices_is_explained(tmp_path):
+  with pytest.raises(ValueError, match=r'config\.parallel\.mesh=.* multiplies to 12 devices, but '
+                                       r'there are 8'):
+    train.setup(gpt_config(data=3, fsdp=2, tensor=2), str(tmp_path))
+  with pytest.raises(ValueError, match=r'config\.parallel\.mode=pmap is data parallelism only'):
+    config = gpt_config(data=4, fsdp=2)
+    config.parallel.mode = 'pmap'
+    train.setup(config, str(tmp_path))

@@ -1,4 +1,5 @@
 """Tests for sampling: greedy decoding against full forward passes, top-k/top-p, streaming."""
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ PROMPT = np.array([[3, 1, 4, 1], [5, 9, 2, 6]], np.int32)
 
 @pytest.fixture(scope='module')
 def params():
-  return jax.jit(MODEL.init)(jax.random.key(0), jnp.asarray(PROMPT))['params']
+  return nn.meta.unbox(jax.jit(MODEL.init)(jax.random.key(0), jnp.asarray(PROMPT))['params'])
 
 
 def test_greedy_matches_full_forward_argmax(params):

@@ -126,7 +126,7 @@ def test_unknown_config_key_fails_before_compilation(tmp_path, no_compilation):
 def test_batch_size_not_divisible_by_devices_fails_before_compilation(tmp_path, no_compilation):
   assert jax.device_count() == 8
   with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
-    with pytest.raises(ValueError, match=r'config\.batch_size=12 .* devices \(8\)'):
+    with pytest.raises(ValueError, match=r'config\.batch_size=12 is not divisible .* \(8 = mesh'):
       train.train_and_evaluate(cpu_config('mnist_cnn', batch_size=12), str(tmp_path))
 
 

@@ -1,6 +1,7 @@
 """Tests for the GPT model: shapes, causality, KV cache, attention, scan, remat, GPT-2 parity."""
 import functools
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,8 @@ def decode_step(decoder, params, cache, x):
 
 @pytest.fixture(scope='module')
 def params():
-  return jax.jit(GPT(**TINY).init)(jax.random.key(1), tokens())['params']
+  # Parameters carry logical axis names (for sharding) until unboxed.
+  return nn.meta.unbox(jax.jit(GPT(**TINY).init)(jax.random.key(1), tokens())['params'])
 
 
 def test_shape_dtype_and_padding(params):
@@ -101,7 +103,7 @@ def stack_layers(params, n_layer):
 def test_scan_layers_same_logits_and_cache(params):
   x = tokens(time=16)
   scanned = GPT(**TINY, scan_layers=True)
-  init_shapes = jax.eval_shape(scanned.init, jax.random.key(0), x)['params']
+  init_shapes = nn.meta.unbox(jax.eval_shape(scanned.init, jax.random.key(0), x)['params'])
   stacked = stack_layers(params, TINY['n_layer'])
   assert jax.tree.map(jnp.shape, init_shapes) == jax.tree.map(jnp.shape, stacked)
   full = forward(GPT(**TINY), params, x)
@@ -133,7 +135,8 @@ def test_dropout_only_in_training(params):
 
 def test_gpt2_small_param_count():
   model = GPT(**transformer.gpt_config('small', vocab_size=50257))
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  shapes = nn.meta.unbox(
+      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   # 124,475,904 with the embedding padded to 50304 rows (124,439,808 unpadded, as in nanoGPT).
   assert transformer.count_params(shapes) == 124_475_904
   # nanoGPT's count: 6 * (N - wpe) + 12 L C T = 6 * 123,689,472 + 113,246,208.
@@ -167,16 +170,21 @@ def test_matches_huggingface_gpt2():
         p.add_(0.1 * torch.randn_like(p))
   sd = {k.removeprefix('transformer.'): jnp.asarray(v.numpy()) for k, v in hf.state_dict().items()}
 
-  ours = jax.tree.map(np.array, GPT(**TINY).init(jax.random.key(0), tokens())['params'])
+  ours = jax.tree.map(np.array, nn.meta.unbox(
+      GPT(**TINY).init(jax.random.key(0), tokens())['params']))
   ours['wte']['embedding'][:50] = sd['wte.weight']  # Padding rows keep their random init.
   ours['wpe']['embedding'] = sd['wpe.weight']
   ours['ln_f'] = {'scale': sd['ln_f.weight'], 'bias': sd['ln_f.bias']}
+  # HF Conv1D weights are [in, out] like our kernels, which split heads out of the width:
+  # c_attn [C, 3C] -> [C, 3, heads, head_dim], attn_proj [C, C] -> [heads, head_dim, C].
   names = {'c_attn': 'attn.c_attn', 'attn_proj': 'attn.c_proj', 'c_fc': 'mlp.c_fc',
-           'mlp_proj': 'mlp.c_proj'}  # HF Conv1D weights are [in, out] like Dense kernels.
+           'mlp_proj': 'mlp.c_proj'}
   for i in range(2):
     layer = ours[f'h_{i}']
     for name, theirs in names.items():
-      layer[name] = {'kernel': sd[f'h.{i}.{theirs}.weight'], 'bias': sd[f'h.{i}.{theirs}.bias']}
+      kernel, bias = sd[f'h.{i}.{theirs}.weight'], sd[f'h.{i}.{theirs}.bias']
+      layer[name] = {'kernel': kernel.reshape(layer[name]['kernel'].shape),
+                     'bias': bias.reshape(layer[name]['bias'].shape)}
     for name in ('ln_1', 'ln_2'):
       layer[name] = {'scale': sd[f'h.{i}.{name}.weight'], 'bias': sd[f'h.{i}.{name}.bias']}
 

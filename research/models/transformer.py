@@ -95,6 +95,51 @@ class KVCache(nn.Module):
     return cached_k.value, cached_v.value, mask[None, None]
 
 
+def constrain(x, names):
+  """Asks XLA to lay `x` out by logical axis names (a no-op outside `nn.logical_axis_rules`)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def layer_norm(name, module):
+  """GPT-2's LayerNorm (epsilon 1e-5), its scale and bias named over 'embed'."""
+  return nn.LayerNorm(
+      epsilon=1e-5, use_bias=module.use_bias, dtype=module.dtype,
+      param_dtype=module.param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
+
+
+class Dense(nn.Module):
+  """x @ kernel + bias, contracting the last `in_dims` axes of x.
+
+  The kernel's axes (inputs..., outputs...) carry the logical names `names`, which
+  `research/parallel.py` maps to mesh axes; `features` may be a tuple (e.g. (3, heads, dim)).
+  """
+  features: int | tuple[int, ...]
+  names: tuple
+  in_dims: int = 1
+  use_bias: bool = True
+  std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = self.features if isinstance(self.features, tuple) else (self.features,)
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(nn.initializers.normal(self.std), self.names),
+        (*x.shape[x.ndim - self.in_dims:], *features), self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param(
+          'bias', nn.with_logical_partitioning(nn.initializers.zeros, self.names[self.in_dims:]),
+          features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Block(nn.Module):
   """x + attention(ln_1(x)), then x + mlp(ln_2(x)); called as a scan body: (x, _) -> (x, None)."""
   n_head: int
@@ -110,28 +155,28 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, _=None):
-    batch, time, width = x.shape
-    def dense(features, name, std=0.02):
-      return nn.Dense(features, use_bias=self.use_bias, kernel_init=nn.initializers.normal(std),
-                      dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    def norm(name):
-      return nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=name)
+    width = x.shape[-1]
+    def dense(features, names, name, std=0.02, in_dims=1):
+      return Dense(features, names, in_dims, self.use_bias, std, self.dtype, self.param_dtype,
+                   name=name)
     dropout = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)
     residual_std = 0.02 / math.sqrt(2 * self.n_layer)  # GPT-2's scaled residual projections.
 
-    qkv = dense(3 * width, 'c_attn')(norm('ln_1')(x))
-    q, k, v = jnp.split(qkv.reshape(batch, time, 3, self.n_head, -1), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    # q, k, v: [batch, time, heads, head_dim]; heads are what tensor parallelism splits.
+    qkv = dense((3, self.n_head, width // self.n_head), ('embed', None, 'heads', 'kv'),
+                'c_attn')(layer_norm('ln_1', self)(x))
+    q, k, v = (constrain(qkv[:, :, i], ('batch', 'length', 'heads', 'kv')) for i in range(3))
     mask = None
     if self.decode:
       k, v, mask = KVCache(self.block_size, name='cache')(k, v)
-    y = attend(q, k, v, mask, ATTENTION[self.attention]).reshape(batch, time, width)
-    x = x + dropout(dense(width, 'attn_proj', residual_std)(y))
+    y = attend(q, k, v, mask, ATTENTION[self.attention])
+    y = dense(width, ('heads', 'kv', 'embed'), 'attn_proj', residual_std, in_dims=2)(y)
+    x = constrain(x + dropout(y), ('batch', 'length', 'embed'))
 
-    y = nn.gelu(dense(4 * width, 'c_fc')(norm('ln_2')(x)), approximate=True)
-    x = x + dropout(dense(width, 'mlp_proj', residual_std)(y))
-    return x, None
+    y = dense(4 * width, ('embed', 'mlp'), 'c_fc')(layer_norm('ln_2', self)(x))
+    y = constrain(nn.gelu(y, approximate=True), ('batch', 'length', 'mlp'))
+    x = x + dropout(dense(width, ('mlp', 'embed'), 'mlp_proj', residual_std)(y))
+    return constrain(x, ('batch', 'length', 'embed')), None
 
 
 def remat_policy(name: str):
@@ -189,18 +234,19 @@ class GPT(nn.Module):
       raise ValueError(f'config.model.attention={self.attention!r} is not one of '
                        f'{list(ATTENTION)}.')
 
-    embed = lambda rows, name: nn.Embed(
-        rows, self.n_embd, embedding_init=nn.initializers.normal(0.02), dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
-    wte = embed(self.padded_vocab, 'wte')
+    embed = lambda rows, names, name: nn.Embed(
+        rows, self.n_embd, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names))
+    wte = embed(self.padded_vocab, ('vocab', 'embed'), 'wte')
     positions = jnp.arange(time)
     if self.decode:  # Continue from the positions already in the cache.
       initialized = self.has_variable('cache', 'cache_index')
       index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
       if initialized:
         positions, index.value = positions + index.value, index.value + time
-    x = wte(tokens) + embed(self.block_size, 'wpe')(positions)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = wte(tokens) + embed(self.block_size, (None, 'embed'), 'wpe')(positions)
+    x = constrain(nn.Dropout(self.dropout_rate, deterministic=not train)(x),
+                  ('batch', 'length', 'embed'))
 
     block = Block
     if self.remat != 'none':
@@ -211,13 +257,13 @@ class GPT(nn.Module):
                   dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan_layers:
       blocks = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
-                       split_rngs={'params': True, 'dropout': True}, length=self.n_layer)
+                       split_rngs={'params': True, 'dropout': True}, length=self.n_layer,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = blocks(**kwargs, name='h')(x, None)
     else:
       for i in range(self.n_layer):
         x, _ = block(**kwargs, name=f'h_{i}')(x)
 
-    x = nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='ln_f')(x)
-    logits = wte.attend(x)[..., :self.vocab_size]  # Tied head; the padding rows are dropped.
+    x = layer_norm('ln_f', self)(x)
+    logits = constrain(wte.attend(x), ('batch', 'length', 'vocab'))[..., :self.vocab_size]  # Tied head; the padding rows are dropped.
     return logits.astype(jnp.float32)
