@@ -82,6 +82,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   initialize_distributed()
+  import jax  # pylint: disable=g-import-not-at-top
+  # A relaunch (resume, eval, a changed learning rate) reuses compiled steps from this cache.
+  jax.config.update('jax_compilation_cache_dir', os.environ.get(
+      'JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/research/jax_compilation_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   if not FLAGS['verbosity'].present:  # Orbax logs every save at INFO; --verbosity=0 shows it
     logging.set_verbosity(logging.WARNING)
   from research import train  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)

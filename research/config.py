@@ -51,6 +51,7 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   c.label_smoothing = 0.0
   c.grad_accum_steps = 1           # micro-batches per update
   c.max_eval_batches = 0           # 0: the whole eval split
+  c.eval_batch_size = 0            # global; 0: batch_size
   c.nonfinite = 'stop'             # a NaN/inf loss or gradient: stop | skip (the update)
   c.init_from = ''                 # a workdir whose newest parameters start a new run
 

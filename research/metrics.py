@@ -63,7 +63,16 @@ PEAK_FLOPS = {
     'H100': 989e12,
     'H200': 989e12,
 }
-CPU_FLOPS_PER_CORE = 2.5e9 * 32  # an estimate: 2.5 GHz x 2 AVX2 FMA units x 8 fp32 lanes x 2
+
+
+def cpu_flops_per_core() -> float:
+  """An estimate: 2.5 GHz x 2 FMA units x fp32 lanes (16 with AVX-512, else 8) x 2."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      lanes = 16 if ' avx512f' in f.read() else 8
+  except OSError:
+    lanes = 8
+  return 2.5e9 * 2 * lanes * 2
 
 
 def peak_flops(device) -> tuple[float, bool]:
@@ -74,5 +83,5 @@ def peak_flops(device) -> tuple[float, bool]:
       return flops, False
   if device.platform == 'cpu':  # the host's cores are shared by all simulated CPU devices
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return CPU_FLOPS_PER_CORE * cores / jax.device_count(), True
+    return cpu_flops_per_core() * cores / jax.device_count(), True
   return float('nan'), True

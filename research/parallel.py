@@ -63,14 +63,15 @@ def make_mesh(parallel_config) -> Mesh:
   return Mesh(np.asarray(devices(parallel_config.num_devices)).reshape(shape), AXES)
 
 
-def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh):
-  """Fails before any compilation when the global batch cannot be split evenly."""
+def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh,
+                     eval_batch_size: int = 0):
+  """Fails before any compilation when a global batch cannot be split evenly."""
   n = math.prod(mesh.shape[a] for a in BATCH)
-  if batch_size % n:
-    raise ValueError(
-        f'config.batch_size={batch_size} is not divisible by the number of devices it is split '
-        f'over ({n} = mesh data x fsdp); use a multiple of {n}, e.g. '
-        f'{max(1, batch_size // n) * n}.')
+  for key, size in (('batch_size', batch_size), ('eval_batch_size', eval_batch_size)):
+    if size % n:
+      raise ValueError(
+          f'config.{key}={size} is not divisible by the number of devices it is split over '
+          f'({n} = mesh data x fsdp); use a multiple of {n}, e.g. {max(1, size // n) * n}.')
   if batch_size % (n * grad_accum_steps):
     raise ValueError(f'config.batch_size={batch_size} must be divisible by devices x '
                      f'config.grad_accum_steps = {n} x {grad_accum_steps}.')

@@ -50,7 +50,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Validates the config and builds data, model, optimizer and compiled steps (lazily)."""
   config = config_lib.resolve(config)
   mesh = parallel.make_mesh(config.parallel)
-  parallel.check_batch_size(config.batch_size, config.grad_accum_steps, mesh)
+  parallel.check_batch_size(config.batch_size, config.grad_accum_steps, mesh,
+                           config.eval_batch_size)
   data = data_lib.build(config)
   if config.loss == 'cross_entropy' and not (data.num_classes or data.tokenizer):
     raise ValueError(f'config.loss=cross_entropy needs class labels, but {config.data.name!r} '

@@ -250,3 +250,12 @@ def test_random_flip_mirrors_some_images():
   assert any(flipped) and any(kept)
   other = np.asarray(preprocess(jnp.asarray(x), jax.random.key(5), train=True))
   assert not np.array_equal(out, other)  # a different rng flips different images
+
+
+def test_examples_of_different_shapes_are_a_clear_error():
+  source = image._ArraySource(  # pylint: disable=protected-access
+      [np.zeros((28, 28, 1), np.uint8), np.zeros((32, 32, 3), np.uint8)], np.zeros(2, np.int32))
+  with pytest.raises(image.DataError, match=r"'inputs' have different shapes or dtypes"):
+    image.train_batches(source, batch_size=2, seed=0)[0]
+  with pytest.raises(image.DataError, match='different shapes'):
+    image.eval_batches(source, batch_size=2)[0]

@@ -54,6 +54,7 @@ MESHES = {'1 device': dict(num_devices=1), 'data=8': dict(data=8),
 def gpt_config(**parallel):
   config = cpu_config('gpt_small', batch_size=16, **{'data.max_bytes': 100000})
   config.model.n_head = 4  # heads to split over 'tensor'
+  config.model.scan_layers = True  # parameters stacked on a 'layers' axis
   config.parallel.num_devices = parallel.pop('num_devices', 0)
   for axis, size in parallel.items():
     config.parallel.mesh[axis] = size

@@ -27,10 +27,11 @@ class Data:
 def build(config) -> Data:
   """Builds `config.data` for this process (each process reads only its share)."""
   index, count = jax.process_index(), jax.process_count()
+  eval_batch_size = config.eval_batch_size or config.batch_size
   if config.data.name == 'text':
     lm = text.build_lm_data(
         config.data.source, config.data.tokenizer, config.data.seq_len, config.batch_size,
-        config.seed, vocab_size=config.data.vocab_size or None,
+        config.seed, eval_batch_size=eval_batch_size, vocab_size=config.data.vocab_size or None,
         cache_dir=config.data.cache_dir or os.path.expanduser('~/.cache/research/tokenizers'),
         process_index=index, process_count=count, max_bytes=config.data.max_bytes or None,
         max_eval_batches=config.max_eval_batches or None, data_dir=config.data.data_dir or None)
@@ -38,7 +39,8 @@ def build(config) -> Data:
     return Data(train_batches=lm.train.iterate, eval_batches=lambda: evals,
                 input_shape=(config.data.seq_len,), input_dtype=np.int32,
                 tokenizer=lm.tokenizer)
-  images = image.build(config.data, config.batch_size, config.seed, index, count)
+  images = image.build(config.data, config.batch_size, config.seed, index, count,
+                       eval_batch_size=eval_batch_size)
   return Data(train_batches=lambda start: image.prefetch(images.train, start),
               eval_batches=lambda: image.prefetch(images.eval_batches),
               input_shape=images.input_shape, input_dtype=np.float32,

@@ -187,7 +187,17 @@ def tfds_num_classes(name: str, data_dir: str | None, label_key='label') -> int:
 # Batching.
 
 def _collate(examples):
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  """Stacks examples into a batch; examples of different shapes or dtypes are a DataError."""
+  batch = {}
+  for key in examples[0]:
+    values = [np.asarray(e[key]) for e in examples]
+    kinds = {(v.shape, v.dtype.str) for v in values}
+    if len(kinds) > 1:
+      raise DataError(f'The examples\' {key!r} have different shapes or dtypes {sorted(kinds)}; '
+                      'every example of a dataset must have the same (resize or cast them when '
+                      'preparing the dataset).')
+    batch[key] = np.stack(values)
+  return batch
 
 
 def train_batches(source, batch_size: int, seed: int, process_index=0, process_count=1):
@@ -196,7 +206,8 @@ def train_batches(source, batch_size: int, seed: int, process_index=0, process_c
   # Grain shuffles epoch e with seed + e: scramble the seed so that seeds 0 and 1 do not see
   # the same epoch orders one epoch apart.
   seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().batch(local)
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().batch(local,
+                                                                     batch_fn=_collate)
   return ds.slice(slice(process_index, None, process_count))
 
 
@@ -223,7 +234,8 @@ def prefetch(dataset, start: int = 0, threads: int = 4, buffer: int = 8):
 # ---------------------------------------------------------------------------------------------
 # Entry point and on-device preprocessing.
 
-def build(data_config, batch_size: int, seed: int, process_index=0, process_count=1) -> ImageData:
+def build(data_config, batch_size: int, seed: int, process_index=0, process_count=1,
+          eval_batch_size: int | None = None) -> ImageData:
   """Builds train and eval pipelines from `config.data`; fails fast with a DataError."""
   name = data_config.name
   if name == 'mnist_idx':
@@ -247,7 +259,8 @@ def build(data_config, batch_size: int, seed: int, process_index=0, process_coun
   input_shape = tuple(np.asarray(train[0]['inputs']).shape)
   return ImageData(
       train=train_batches(train, batch_size, seed, process_index, process_count),
-      eval_batches=eval_batches(test, batch_size, process_index, process_count),
+      eval_batches=eval_batches(test, eval_batch_size or batch_size, process_index,
+                                process_count),
       num_train=len(train), num_eval=len(test), input_shape=input_shape,
       num_classes=num_classes)
 

@@ -259,7 +259,7 @@ class LMData(NamedTuple):
 
 
 def build_lm_data(source: str, tokenizer_kind: str, seq_len: int, batch_size: int, seed: int,
-                  vocab_size: int | None = None, cache_dir: str | None = None,
+                  eval_batch_size: int | None = None, vocab_size: int | None = None, cache_dir: str | None = None,
                   process_index: int = 0, process_count: int = 1,
                   max_bytes: int | None = None, max_eval_batches: int | None = None,
                   data_dir: str | None = None) -> LMData:
@@ -271,7 +271,8 @@ def build_lm_data(source: str, tokenizer_kind: str, seq_len: int, batch_size: in
       taken from both splits (so validation never meets an unknown character, as in nanoGPT);
       'bpe' is trained on the train split only.
     seq_len: T.
-    batch_size: the global batch size (of training and validation).
+    batch_size: the global training batch size.
+    eval_batch_size: the global validation batch size (default: batch_size).
     seed: the seed of the training windows.
     vocab_size: the 'bpe' vocabulary size.
     cache_dir: where trained 'bpe' models are cached.
@@ -295,6 +296,6 @@ def build_lm_data(source: str, tokenizer_kind: str, seq_len: int, batch_size: in
                source, len(splits['train']), len(splits['validation']), len(train_tokens),
                len(val_tokens), tokenizer_kind, tokenizer.vocab_size)
   train = LMDataset(train_tokens, seq_len, batch_size, seed, process_index, process_count)
-  evals = eval_batches(val_tokens, seq_len, batch_size, max_eval_batches, process_index,
-                       process_count)
+  evals = eval_batches(val_tokens, seq_len, eval_batch_size or batch_size, max_eval_batches,
+                       process_index, process_count)
   return LMData(tokenizer, train, evals)
