@@ -86,7 +86,8 @@ def main(argv):
   # A relaunch (resume, eval, a changed learning rate) reuses compiled steps from this cache.
   jax.config.update('jax_compilation_cache_dir', os.environ.get(
       'JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/research/jax_compilation_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   if not FLAGS['verbosity'].present:  # Orbax logs every save at INFO; --verbosity=0 shows it
     logging.set_verbosity(logging.WARNING)
   from research import train  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)

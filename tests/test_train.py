@@ -157,9 +157,10 @@ def launch_command(*args, mock_tfds=False):
   return command, {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
 
 
-def run_launch(*args, mock_tfds=False):
+def run_launch(*args, mock_tfds=False, env=None):
   """Runs launch.py in a fresh interpreter and waits for it."""
-  command, env = launch_command(*args, mock_tfds=mock_tfds)
+  command, base_env = launch_command(*args, mock_tfds=mock_tfds)
+  env = {**base_env, **(env or {})}
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -168,8 +169,11 @@ def test_launch_trains_resumes_and_evaluates(tmp_path):
   args = ['--config=experiments/linear_regression.py:cpu', f'--workdir={workdir}',
           '--config.total_steps=40', '--config.log_every_steps=10',
           '--config.eval_every_steps=20', '--config.checkpoint_every_steps=20']
-  first = run_launch(*args)
+  cache = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  first = run_launch(*args, env=cache)
   assert first.returncode == 0, first.stderr[-3000:]
+  assert os.listdir(tmp_path / 'jax_cache')  # compiled steps kept for the relaunches
   assert 'learned parameters: Dense_0/bias=' in first.stdout
   assert 'starting from scratch' in first.stdout
   config = json.loads((tmp_path / 'run' / 'config.json').read_text())
