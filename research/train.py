@@ -296,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if preempted:
         exp.ckpt.wait_until_finished()
         writer.log(f'SIGTERM: saved step {done} to {exp.ckpt.directory} and stopped; relaunch '
-                   'the same command to resume.')
+                   f'with --workdir={workdir} to resume.')
         break
       if is_eval:
         result, confusion = evaluate_state(exp, state)
