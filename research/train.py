@@ -289,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if pending:
           _write_train(exp, writer, *pending, clock)
           pending = None
-        if window:  # never checkpoint a state that a non-finite step produced
+        if window and config.nonfinite == 'stop':  # never checkpoint a non-finite state
           _fetch_window(exp, done, window)
         checkpoint.save(exp.ckpt, done, exp.compiled.get_state(state),
                         force=preempted or done == config.total_steps)
