@@ -70,6 +70,17 @@ def test_launch_gpt_small_cpu_trains_resumes_evaluates_and_samples(tmp_path):
   assert sampled.stdout == 'import ' + text + '\n'
 
 
+def test_launch_explains_an_unprepared_tfds_text_dataset(tmp_path):
+  """A text TFDS source that is not prepared is a DataError that launch.py prints cleanly."""
+  result = run_launch('--config=experiments/gpt_small.py:cpu', f'--workdir={tmp_path}/run',
+                      '--config.data.source=tfds:tiny_shakespeare',
+                      f'--config.data.data_dir={tmp_path}/tfds', '--config.data.download=False')
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "DataError: TFDS dataset 'tiny_shakespeare' is not prepared" in result.stderr
+  assert 'tfds build tiny_shakespeare --file_format=array_record' in result.stderr
+  assert str(tmp_path / 'tfds') in result.stderr and 'Traceback' not in result.stderr
+
+
 def test_gpt_small_full_config_is_gpt2_small():
   config = gpt_small.get_config()
   assert (config.model.n_layer, config.model.n_head, config.model.n_embd,

@@ -6,6 +6,9 @@ import os
 import numpy as np
 import pytest
 
+from research import config as config_lib
+from research import data as data_lib
+from research.data import image
 from research.data import text
 from research.data import tokenizers
 
@@ -177,13 +180,45 @@ def test_tfds_source_prepared_locally(tmp_path, file_format):
 
 def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
   pytest.importorskip('tensorflow_datasets')
-  with pytest.raises(FileNotFoundError) as e:
-    text.load_text('tfds:tiny_shakespeare', data_dir=str(tmp_path))
+  with pytest.raises(image.DataError) as e:  # launch.py prints a DataError without a traceback
+    text.load_text('tfds:tiny_shakespeare', data_dir=str(tmp_path), download=False)
   message = str(e.value)
   assert "'tiny_shakespeare' is not prepared" in message and str(tmp_path) in message
-  assert 'tfds build tiny_shakespeare' in message
-  with pytest.raises(ValueError, match='no dataset named'):
+  assert 'config.data.download is False' in message
+  assert 'tfds build tiny_shakespeare --file_format=array_record' in message
+  with pytest.raises(image.DataError, match='no dataset named'):
     text.load_text('tfds:no_such_dataset_xyz', data_dir=str(tmp_path))
+
+
+def test_unprepared_tfds_dataset_offline_is_a_data_error(tmp_path, monkeypatch):
+  """config.data.download=True (the default) reaches the text source; offline it says so.
+
+  The network check is patched to 'offline' so the test never waits on a real download.
+  """
+  pytest.importorskip('tensorflow_datasets')
+  monkeypatch.setattr(image, '_network_reachable', lambda *args, **kwargs: False)
+  c = config_lib.defaults()
+  c.data.name, c.data.source, c.data.data_dir = 'text', 'tfds:tiny_shakespeare', str(tmp_path)
+  assert c.data.download
+  with pytest.raises(image.DataError) as e:
+    data_lib.build(c)
+  message = str(e.value)
+  assert "'tiny_shakespeare' is not prepared" in message and 'no network' in message
+  assert str(tmp_path) in message
+  assert 'tfds build tiny_shakespeare --file_format=array_record' in message
+
+
+def test_unprepared_tfds_dataset_is_prepared_when_download_is_allowed(tmp_path, monkeypatch):
+  """Like image datasets, a missing text dataset is prepared (here one made locally)."""
+  pytest.importorskip('tensorflow_datasets')
+  builder_class = _local_text_builder()
+  monkeypatch.setattr(image, '_network_reachable', lambda *args, **kwargs: True)
+  with pytest.raises(image.DataError, match='config.data.download is False'):
+    text.load_text('tfds:research_test_text', data_dir=str(tmp_path), download=False)
+  splits = text.load_text('tfds:research_test_text', data_dir=str(tmp_path), download=True)
+  assert builder_class(data_dir=str(tmp_path)).is_prepared()
+  assert sorted(splits['validation']) == [f'document {i} h\xe9llo' for i in (100, 101, 102)]
+  assert len(splits['train']) == 8
 
 
 def test_empty_or_missing_corpus_is_a_clear_error(tmp_path):

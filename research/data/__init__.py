@@ -34,7 +34,8 @@ def build(config) -> Data:
         config.seed, eval_batch_size=eval_batch_size, vocab_size=config.data.vocab_size or None,
         cache_dir=config.data.cache_dir or os.path.expanduser('~/.cache/research/tokenizers'),
         process_index=index, process_count=count, max_bytes=config.data.max_bytes or None,
-        max_eval_batches=config.max_eval_batches or None, data_dir=config.data.data_dir or None)
+        max_eval_batches=config.max_eval_batches or None, data_dir=config.data.data_dir or None,
+        download=config.data.download)
     evals = [dict(b, mask=np.ones(len(b['inputs']), np.float32)) for b in lm.eval_batches]
     return Data(train_batches=lm.train.iterate, eval_batches=lambda: evals,
                 input_shape=(config.data.seq_len,), input_dtype=np.int32,

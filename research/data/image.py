@@ -137,18 +137,23 @@ def _network_reachable(host='storage.googleapis.com', port=443, timeout=3.0) -> 
     return False
 
 
-def _prepare(name: str, data_dir: str | None, download: bool, cause: Exception):
-  """Called when opening `name` failed: downloads and prepares it, or raises a DataError."""
+def prepare_tfds(name: str, data_dir: str | None, download: bool, cause: Exception | None = None):
+  """Called when opening `name` failed: downloads and prepares it, or raises a DataError.
+
+  Shared by the image and the text (research/data/text.py) TFDS sources. The message names the
+  dataset, the data directory and the `tfds build` command that prepares it elsewhere.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(name, data_dir=data_dir)
   how = (f'Prepare it where there is network with\n'
          f'    tfds build {name} --file_format=array_record --data_dir=DIR\n'
-         f'(TensorFlow, installed by requirements.txt, is needed to prepare image datasets), '
+         f'(TensorFlow, installed by requirements.txt, is needed to prepare most datasets), '
          f'copy DIR here and pass --config.data.data_dir=DIR (or set TFDS_DATA_DIR).')
   where = f'{builder.data_dir} (config.data.data_dir={data_dir!r})'
   if builder.is_prepared():
-    raise DataError(f'TFDS dataset {name!r} in {where} cannot be read by index '
-                    f'({type(cause).__name__}: {str(cause)[:300]}). {how}') from cause
+    detail = f' ({type(cause).__name__}: {str(cause)[:300]})' if cause is not None else ''
+    raise DataError(f'TFDS dataset {name!r} in {where} cannot be read by index{detail}. '
+                    f'{how}') from cause
   if not download:
     raise DataError(f'TFDS dataset {name!r} is not prepared in {where} and '
                     f'config.data.download is False. {how}')
@@ -174,7 +179,7 @@ def tfds_source(name: str, split: str, data_dir: str | None, download: bool,
                     '(see https://www.tensorflow.org/datasets/catalog).') from None
   except Exception as e:  # pylint: disable=broad-except
     failure = e
-  _prepare(name, data_dir, download, failure)  # outside `except`: no TFDS traceback attached
+  prepare_tfds(name, data_dir, download, failure)  # outside `except`: no TFDS traceback attached
   return _RenameSource(open_split(), image_key, label_key)
 
 

@@ -7,8 +7,10 @@ Sources (`config.data.source`):
                        It differs between Python versions, so compare runs on one version.
   a path or glob       local text files, one document per file (a directory: every file in
                        it, recursively); e.g. '../shared/data/tinyshakespeare.txt'.
-  'tfds:NAME'          a prepared TFDS text dataset (feature 'text'), e.g. 'tfds:tiny_shakespeare'
-                       or 'tfds:lm1b', with its own train and validation (else test) splits.
+  'tfds:NAME'          a TFDS text dataset (feature 'text'), e.g. 'tfds:tiny_shakespeare'
+                       or 'tfds:lm1b', with its own train and validation (else test) splits;
+                       prepared first if it is not and config.data.download (as image
+                       datasets are), else a DataError says how to prepare it.
 
 Train/validation split of local and stdlib sources (they never overlap):
   one document    its first 90% of characters is train, the last 10% validation (nanoGPT's
@@ -38,6 +40,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from research.data import image
 from research.data import tokenizers
 
 VAL_FRACTION = 0.1  # of characters, for a single-document corpus.
@@ -104,26 +107,8 @@ def split_documents(documents: list[str]) -> dict[str, list[str]]:
           'validation': [d for d, v in zip(documents, is_val) if v]}
 
 
-def tfds_documents(name: str, split: str | None = None, data_dir: str | None = None,
-                   max_bytes: int | None = None) -> dict[str, list[str]]:
-  """The 'text' of a prepared TFDS dataset's train and validation (else test) split.
-
-  Args:
-    name: the TFDS name, optionally with config and version ('lm1b/plain_text:1.1.0').
-    split: the evaluation split; by default 'validation' if the dataset has it, else 'test'.
-    data_dir: where the prepared dataset is; by default TFDS's own ($TFDS_DATA_DIR or
-      ~/tensorflow_datasets).
-    max_bytes: a cap on the text read from each split.
-
-  Returns:
-    {'train': documents, 'validation': documents}.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(f'config.data.source=tfds:{name}: TFDS has no dataset named {name!r}.'
-                     ) from None
+def _read_tfds_splits(tfds, builder, name: str, split: str | None, data_dir: str | None,
+                      max_bytes: int | None) -> dict[str, list[str]]:
   splits = builder.info.splits
   if split is None:
     split = 'test' if splits and 'validation' not in splits else 'validation'
@@ -133,14 +118,7 @@ def tfds_documents(name: str, split: str | None = None, data_dir: str | None = N
       source = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False)
       docs = (source[i]['text'] for i in range(len(source)))  # mock_data breaks __getitems__.
     except Exception as e:  # pylint: disable=broad-except  (TFDS raises many kinds here)
-      if not builder.is_prepared():
-        raise FileNotFoundError(
-            f'TFDS dataset {name!r} is not prepared: looked in {builder.data_dir} '
-            f'(data_dir={data_dir!r}). Prepare it where there is network access with '
-            f'`tfds build {name} --data_dir={builder.data_dir_root} --file_format=array_record` '
-            'and copy that folder here, or set config.data.data_dir to a directory that holds '
-            'a prepared copy.') from None
-      if 'file format' not in str(e):
+      if not builder.is_prepared() or 'file format' not in str(e):
         raise
       # Prepared as TFRecord (the `tfds build` default): no random access, so read in order.
       docs = (ex['text'] for ex in tfds.as_numpy(builder.as_dataset(split=tfds_split)))
@@ -149,8 +127,44 @@ def tfds_documents(name: str, split: str | None = None, data_dir: str | None = N
   return out
 
 
-def load_text(source: str, max_bytes: int | None = None,
-              data_dir: str | None = None) -> dict[str, list[str]]:
+def tfds_documents(name: str, split: str | None = None, data_dir: str | None = None,
+                   max_bytes: int | None = None, download: bool = False) -> dict[str, list[str]]:
+  """The 'text' of a TFDS dataset's train and validation (else test) split.
+
+  A dataset that is not prepared is downloaded and prepared first if `download` (as image
+  datasets are, by `image.prepare_tfds`); when that cannot be done (no network, or download
+  False) an `image.DataError` says how to prepare it elsewhere.
+
+  Args:
+    name: the TFDS name, optionally with config and version ('lm1b/plain_text:1.1.0').
+    split: the evaluation split; by default 'validation' if the dataset has it, else 'test'.
+    data_dir: where the prepared dataset is; by default TFDS's own ($TFDS_DATA_DIR or
+      ~/tensorflow_datasets).
+    max_bytes: a cap on the text read from each split.
+    download: let TFDS download and prepare a missing dataset (config.data.download).
+
+  Returns:
+    {'train': documents, 'validation': documents}.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise image.DataError(f'config.data.source=tfds:{name}: TFDS has no dataset named {name!r} '
+                          '(see https://www.tensorflow.org/datasets/catalog).') from None
+  try:
+    return _read_tfds_splits(tfds, builder, name, split, data_dir, max_bytes)
+  except Exception as e:  # pylint: disable=broad-except
+    if builder.is_prepared():
+      raise
+    failure = e
+  image.prepare_tfds(name, data_dir, download, failure)  # outside `except`: no TFDS traceback
+  builder = tfds.builder(name, data_dir=data_dir)  # its splits are known once prepared
+  return _read_tfds_splits(tfds, builder, name, split, data_dir, max_bytes)
+
+
+def load_text(source: str, max_bytes: int | None = None, data_dir: str | None = None,
+              download: bool = False) -> dict[str, list[str]]:
   """Reads `source` into {'train': documents, 'validation': documents}.
 
   Args:
@@ -158,12 +172,14 @@ def load_text(source: str, max_bytes: int | None = None,
     max_bytes: a cap on the text read: on the whole corpus before the split for local and
       stdlib sources (documents in sorted order, the last one cut), on each split for TFDS.
     data_dir: the TFDS data directory.
+    download: TFDS: download and prepare the dataset if it is not prepared.
 
   Returns:
     The documents of each split.
   """
   if source.startswith('tfds:'):
-    splits = tfds_documents(source[len('tfds:'):], data_dir=data_dir, max_bytes=max_bytes)
+    splits = tfds_documents(source[len('tfds:'):], data_dir=data_dir, max_bytes=max_bytes,
+                            download=download)
   else:
     paths = stdlib_files() if source == 'python_stdlib' else local_files(source)
     splits = split_documents(_cap(map(_read, paths), max_bytes)) if paths else {}
@@ -262,7 +278,7 @@ def build_lm_data(source: str, tokenizer_kind: str, seq_len: int, batch_size: in
                   eval_batch_size: int | None = None, vocab_size: int | None = None, cache_dir: str | None = None,
                   process_index: int = 0, process_count: int = 1,
                   max_bytes: int | None = None, max_eval_batches: int | None = None,
-                  data_dir: str | None = None) -> LMData:
+                  data_dir: str | None = None, download: bool = False) -> LMData:
   """Everything the trainer needs for language modelling, from config values.
 
   Args:
@@ -281,11 +297,12 @@ def build_lm_data(source: str, tokenizer_kind: str, seq_len: int, batch_size: in
     max_bytes: a cap on the text read (see `load_text`).
     max_eval_batches: a cap on the validation batches.
     data_dir: the TFDS data directory.
+    download: TFDS: download and prepare the dataset if it is not prepared.
 
   Returns:
     LMData(tokenizer, train LMDataset, list of validation batches).
   """
-  splits = load_text(source, max_bytes=max_bytes, data_dir=data_dir)
+  splits = load_text(source, max_bytes=max_bytes, data_dir=data_dir, download=download)
   learn_from = {'char': splits['train'] + splits['validation'], 'bpe': splits['train']}
   tokenizer = tokenizers.build_tokenizer(
       tokenizer_kind, train_text='\n'.join(learn_from.get(tokenizer_kind, [])) or None,
