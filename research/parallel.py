@@ -11,8 +11,8 @@ tensor parallelism). A model without names (the image models) is replicated. XLA
 collectives. With mesh data=-1 (the default) this is plain data parallelism.
 
 `parallel.mode='pmap'` wraps the *same* step functions in `jax.pmap` (gradients averaged by
-`lax.pmean` inside the step), for pure data parallelism only; it is tested to give the same
-numbers.
+`lax.pmean` inside the step), for pure data parallelism within one process only; it is tested
+to give the same numbers.
 """
 import dataclasses
 import functools
@@ -58,7 +58,18 @@ def mesh_shape(parallel_config) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def check_mode(mode: str):
+  """Rejects an unknown config.parallel.mode, and pmap across several processes."""
+  if mode not in ('jit', 'pmap'):
+    raise ValueError(f'config.parallel.mode={mode!r}: use jit or pmap.')
+  if mode == 'pmap' and jax.process_count() > 1:
+    raise ValueError(f'config.parallel.mode=pmap is not supported with several processes '
+                     f'({jax.process_count()} here): use config.parallel.mode=jit, which spans '
+                     'the devices of every process.')
+
+
 def make_mesh(parallel_config) -> Mesh:
+  check_mode(parallel_config.get('mode', 'jit'))
   shape = mesh_shape(parallel_config)
   return Mesh(np.asarray(devices(parallel_config.num_devices)).reshape(shape), AXES)
 
@@ -108,6 +119,7 @@ def _in_context(fn, mesh, rules):
 def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable,
                   state_sharding, rules) -> Compiled:
   """`make_steps(axis_name)` returns (train_step, eval_step) built for that axis (or None)."""
+  check_mode(mode)
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P(BATCH))
   if mode == 'jit':

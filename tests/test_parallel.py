@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from research import parallel
 from research import train
 from tests.test_train import cpu_config
 
@@ -110,3 +111,16 @@ def test_mesh_that_does_not_fit_the_devices_is_explained(tmp_path):
     config = gpt_config(data=4, fsdp=2)
     config.parallel.mode = 'pmap'
     train.setup(config, str(tmp_path))
+
+
+def test_pmap_with_several_processes_is_refused_before_compilation(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  config = cpu_config('mnist_cnn')
+  config.parallel.mode = 'pmap'
+  with pytest.raises(ValueError, match=r'config\.parallel\.mode=pmap is not supported with '
+                                       r'several processes .*use config\.parallel\.mode=jit'):
+    train.setup(config, str(tmp_path))
+  with pytest.raises(ValueError, match=r'config\.parallel\.mode=jit'):
+    parallel.compile_steps('pmap', None, None, None, None, ())
+  config.parallel.mode = 'jit'  # the mesh of every process's devices is fine
+  assert parallel.make_mesh(config.parallel).shape['data'] == jax.device_count()
