@@ -18,6 +18,9 @@ REQUIRED = ('seed', 'batch_size', 'total_steps', 'log_every_steps', 'eval_every_
             'checkpoint_every_steps', 'model.name', 'data.name', 'optimizer.name',
             'optimizer.learning_rate')
 
+# config.data.name: these, or any TFDS dataset name (research/data).
+DATA_NAMES = "'text' (language modelling), 'mnist_idx', 'synthetic_linear'"
+
 
 def model_config(name: str, **fields) -> ml_collections.ConfigDict:
   """Every field of model `name` with its default (dtypes as names), updated with `fields`."""
@@ -59,7 +62,7 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   c.model = model_config(model, **model_fields) if model else ml_collections.ConfigDict()
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = ''                 # a TFDS name, 'mnist_idx' or 'synthetic_linear'
+  c.data.name = ''                 # 'text', 'mnist_idx', 'synthetic_linear' or a TFDS name
   c.data.data_dir = ''             # TFDS data_dir; '' = TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.download = True           # let TFDS download and prepare a missing dataset
   c.data.path = ''                 # mnist_idx: folder with the IDX files
@@ -152,6 +155,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     resolved.update(config)  # recursive for nested ConfigDicts
     resolved.model = ml_collections.ConfigDict(model.to_dict())
   models.check_config(resolved.model)
+  if not isinstance(resolved.data.name, str) or not resolved.data.name.strip():
+    raise ValueError(f'config.data.name={resolved.data.name!r} names no dataset: set it to '
+                     f"{DATA_NAMES} or the name of a TFDS dataset (e.g. 'mnist', 'cifar10'; "
+                     'see https://www.tensorflow.org/datasets/catalog).')
   if resolved.nonfinite not in ('stop', 'skip'):
     raise ValueError(f'config.nonfinite={resolved.nonfinite!r}: use stop or skip.')
   for key in ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',

@@ -3,7 +3,9 @@ message that names the key and the closest valid one."""
 import importlib
 import pathlib
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 import pytest
 
 from research import config
@@ -129,3 +131,26 @@ def test_model_config_lists_every_field():
   c = config.defaults('mlp', hidden_sizes=(32,)).model
   assert set(c.keys()) - {'name'} == set(models.model_fields('mlp'))
   assert c.hidden_sizes == (32,) and c.activation == 'relu' and c.dtype == 'float32'
+
+
+@pytest.mark.parametrize('name', ['', '  '])
+def test_unset_data_name_names_the_key_and_the_accepted_values(name):
+  d = mnist_mlp_dict()
+  d['data']['name'] = name
+  with pytest.raises(ValueError, match=r"config\.data\.name=.* names no dataset") as e:
+    config.resolve(ml_collections.ConfigDict(d))
+  for accepted in ("'text'", "'mnist_idx'", "'synthetic_linear'", 'TFDS'):
+    assert accepted in str(e.value)
+
+
+@pytest.mark.parametrize('value, want', [('relu', 'relu'), ('', '')])
+def test_mlp_output_activation_can_be_set_from_the_command_line(value, want):
+  """As launch.py parses it: a None-valued field could not be overridden at all."""
+  path = pathlib.Path(__file__).parents[1] / 'experiments' / 'linear_regression.py'
+  argv = ['launch.py', f'--config={path}:cpu', f'--config.model.output_activation={value}']
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'experiment', flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  assert flag_values.config.model.output_activation == want
+  assert config.defaults('mlp').model.output_activation == ''  # '': no output activation

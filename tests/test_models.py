@@ -129,6 +129,19 @@ def test_mlp_initializer_scales():
   assert float(jnp.abs(kernels['xavier_uniform']).max()) <= math.sqrt(6 / (784 + 512))
 
 
+def test_mlp_output_activation_empty_means_none():
+  x = jax.random.normal(jax.random.key(1), (8, 5))
+  linear = build('mlp', num_outputs=3, hidden_sizes=())
+  assert linear.output_activation == ''  # the default: a string, so the command line can set it
+  variables = linear.init(jax.random.key(0), x)
+  out = np.asarray(linear.apply(variables, x))
+  p = variables['params']['Dense_0']
+  np.testing.assert_allclose(out, np.asarray(x) @ p['kernel'] + p['bias'], rtol=1e-5, atol=1e-6)
+  assert (out < 0).any()
+  relu = build('mlp', num_outputs=3, hidden_sizes=(), output_activation='relu')
+  np.testing.assert_allclose(relu.apply(variables, x), np.maximum(out, 0), rtol=1e-6)
+
+
 def test_mlp_unknown_activation_names_the_key():
   model = build('mlp', activation='swish')
   with pytest.raises(ValueError, match=r'config\.model\.activation'):

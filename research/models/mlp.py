@@ -26,7 +26,9 @@ class MLP(nn.Module):
   activation: str = 'relu'
   kernel_init: str = 'lecun_normal'
   dropout_rate: float = 0.0
-  output_activation: str | None = None   # e.g. 'relu' for the Linear+ReLU regression model
+  # After the last Dense, e.g. 'relu' for the Linear+ReLU regression model; '' (the default):
+  # none. A string, not None, so that --config.model.output_activation= can set it.
+  output_activation: str = ''
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
