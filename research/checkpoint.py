@@ -79,8 +79,33 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
                      'damaged folders out of the checkpoints/ folder to start again.')
 
 
+def restore_on(mngr: ocp.CheckpointManager, step: int, devices=None):
+  """Checkpoint `step` (a nested dict) with every array whole on each of `devices`.
+
+  Without a target Orbax would restore the shardings the checkpoint was saved with, which fail
+  when the devices differ (a run trained on 8 devices, read on a machine with 1). The target
+  here is the saved shapes and dtypes with a sharding on the current devices: one device
+  (default: this process's first), or replicated over several.
+  """
+  devices = list(devices or jax.local_devices()[:1])
+  if len(devices) == 1:
+    sharding = jax.sharding.SingleDeviceSharding(devices[0])
+  else:
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ('replica',)),
+                                          jax.sharding.PartitionSpec())
+  metadata = mngr.item_metadata(step)
+  metadata = getattr(metadata, 'tree', metadata)
+  abstract = lambda m: (jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
+                        if hasattr(m, 'shape') and hasattr(m, 'dtype') else m)
+  return mngr.restore(step, args=ocp.args.StandardRestore(jax.tree.map(abstract, metadata)))
+
+
 def load_params(workdir: str):
-  """The parameters of the newest checkpoint of another run (for config.init_from)."""
+  """The parameters of the newest checkpoint of another run (for config.init_from).
+
+  They are replicated over every device of this run (whatever devices the other run used);
+  the caller lays them out as it needs.
+  """
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'config.init_from={workdir!r}: {directory} does not exist.')
@@ -88,7 +113,7 @@ def load_params(workdir: str):
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f'config.init_from={workdir!r}: no checkpoint in {directory}.')
-    return mngr.restore(step, args=ocp.args.StandardRestore())['params']
+    return restore_on(mngr, step, jax.devices())['params']
 
 
 def check_workdir(workdir: str, state_bytes: int, keep: int):

@@ -131,11 +131,16 @@ def sample_text(model, params, tokenizer, sample_config, rng,
 
 
 def load_trained(workdir: str):
-  """(model, params, tokenizer, config) of the newest checkpoint of a language-model run."""
+  """(model, params, tokenizer, config) of the newest checkpoint of a language-model run.
+
+  The parameters are on one device, so a run trained on many devices samples on a machine
+  with one.
+  """
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from research import checkpoint  # pylint: disable=g-import-not-at-top
   from research import models  # pylint: disable=g-import-not-at-top
   from research.data import tokenizers  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(workdir, 'config.json')
@@ -146,10 +151,12 @@ def load_trained(workdir: str):
   if not os.path.isdir(os.path.join(workdir, 'tokenizer')):
     raise FileNotFoundError(f'{workdir} has no tokenizer/: it is not a language-model run.')
   tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer'))
-  with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints'))) as mngr:
+  with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+                             item_handlers=ocp.StandardCheckpointHandler()) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first.')
-    state = mngr.restore(step, args=ocp.args.StandardRestore())
+    # On this process's first device, whatever devices and layout the run was trained with.
+    state = checkpoint.restore_on(mngr, step)
   model = models.build_model(config.model)
   return model, state['params'], tokenizer, config

@@ -1,11 +1,18 @@
 """Data parallelism: 1 device, 8 devices with jit over a mesh, and 8 devices with pmap agree."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from research import checkpoint
 from research import parallel
+from research import sample
 from research import train
+from tests.conftest import ROOT
 from tests.test_train import cpu_config
 
 
@@ -101,6 +108,61 @@ def test_save_with_fsdp_restore_with_data_parallelism(tmp_path):
   assert data_state.params['h']['c_fc']['kernel'].sharding.is_fully_replicated  # fsdp axis: 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(fsdp_state.params),
                jax.device_get(data_state.params))
+
+
+_LOAD_ON_ONE_DEVICE = """
+import sys
+import jax
+import numpy as np
+from research import checkpoint, sample
+assert jax.device_count() == 1, jax.devices()
+model, params, tokenizer, config = sample.load_trained(sys.argv[1])
+config.sample.prompt, config.sample.max_new_tokens, config.sample.temperature = 'def ', 4, 0.0
+text = sample.sample_text(model, params, tokenizer, config.sample, jax.random.key(0))
+init_from = checkpoint.load_params(sys.argv[1])
+flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(x)
+                     for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+np.savez(sys.argv[2], **{'sampled ' + k: v for k, v in flat(params).items()},
+         **{'init_from ' + k: v for k, v in flat(init_from).items()}, text=np.array(text))
+"""
+
+
+def test_fsdp_checkpoint_loads_for_sampling_and_init_from_on_one_device(tmp_path):
+  """A run trained sharded over 8 devices is read back on one device (and in a process that
+  has only one), with the same values."""
+  workdir = str(tmp_path / 'run')
+  config = gpt_config(data=1, fsdp=8)
+  config.total_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 1, 1
+  config.sample.max_new_tokens, config.max_eval_batches = 0, 1
+  train.train_and_evaluate(config, workdir)
+  saved, _ = train.restore_or_init(train.setup(config, workdir))
+  saved = saved.params
+  assert len(saved['h']['c_fc']['kernel'].sharding.device_set) == 8  # saved sharded over 8
+  flat = lambda tree: {jax.tree_util.keystr(p): x
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  model, params, tokenizer, loaded_config = sample.load_trained(workdir)
+  init_from = checkpoint.load_params(workdir)
+  for path, x in flat(saved).items():
+    assert len(flat(params)[path].sharding.device_set) == 1, path
+    assert flat(init_from)[path].sharding.is_fully_replicated, path
+    np.testing.assert_array_equal(flat(params)[path], x, err_msg=path)
+    np.testing.assert_array_equal(flat(init_from)[path], x, err_msg=path)
+  loaded_config.sample.prompt, loaded_config.sample.max_new_tokens = 'def ', 4
+  loaded_config.sample.temperature = 0.0
+  text = sample.sample_text(model, params, tokenizer, loaded_config.sample, jax.random.key(0))
+
+  # The same in a process with a single device (there, restoring the saved layout fails).
+  out = tmp_path / 'one_device.npz'
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, '-c', _LOAD_ON_ONE_DEVICE, workdir, str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  one_device = np.load(out)
+  assert str(one_device['text']) == text
+  for path, x in flat(saved).items():
+    np.testing.assert_array_equal(one_device['sampled ' + path], x, err_msg=path)
+    np.testing.assert_array_equal(one_device['init_from ' + path], x, err_msg=path)
 
 
 def test_mesh_that_does_not_fit_the_devices_is_explained(tmp_path):
