@@ -328,6 +328,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if exp.ckpt.latest_step() is None:
     raise FileNotFoundError(f'No checkpoint in {exp.ckpt.directory}: train first, or pass the '
                             '--workdir of a trained run.')
+  if exp.data.tokenizer is not None:  # the token ids must be those the checkpoint learned
+    _check_tokenizer(exp.data.tokenizer, os.path.join(workdir, 'tokenizer'),
+                     exp.ckpt.latest_step())
   state, step = restore_or_init(exp)
   writer = writer_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   result, confusion = evaluate_state(exp, state)

@@ -189,3 +189,23 @@ def test_tokenizer_mismatch_with_the_checkpoint_is_reported(tmp_path):
   config.data.tokenizer = 'char'
   with pytest.raises(ValueError, match=r'tokenizer .* differs from the one the checkpoint'):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_evaluate_with_another_tokenizer_than_the_checkpoint_is_reported(tmp_path):
+  """Two corpora with alphabets of the same size: 'char' tokenizers of equal vocabularies (so
+  every shape fits) but other token ids; evaluating one's checkpoint on the other is refused."""
+  rng = np.random.default_rng(0)
+  for name, alphabet in (('a.txt', 'abcd \n'), ('b.txt', 'wxyz \n')):
+    (tmp_path / name).write_text(''.join(rng.choice(list(alphabet), 4000)))
+  config = cpu_config('gpt_small', **{'data.source': str(tmp_path / 'a.txt'),
+                                      'data.tokenizer': 'char', 'data.seq_len': 16,
+                                      'sample.max_new_tokens': 0, 'max_eval_batches': 1,
+                                      'total_steps': 1, 'eval_every_steps': 1,
+                                      'checkpoint_every_steps': 1})
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  assert train.evaluate(config, workdir)['num_examples'] > 0  # the same tokenizer: fine
+  config.data.source = str(tmp_path / 'b.txt')
+  with pytest.raises(ValueError, match=r'tokenizer .* \(char, 7 tokens\) differs from the one '
+                                       r'the checkpoint was trained with \(char, 7 tokens'):
+    train.evaluate(config, workdir)
