@@ -78,9 +78,18 @@ def initialize_distributed():
                              num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
+SAMPLE_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.mode != 'sample':  # they would be silently ignored
+    for name in SAMPLE_FLAGS:
+      if FLAGS[name].present:
+        raise app.UsageError(
+            f'--{name} is only used with --mode=sample, not --mode={FLAGS.mode}'
+            + (' (the training seed is --config.seed).' if name == 'seed' else '.'))
   initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   # A relaunch (resume, eval, a changed learning rate) reuses compiled steps from this cache.

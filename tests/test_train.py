@@ -205,6 +205,17 @@ def test_launch_rejects_an_unknown_override(tmp_path):
   assert not os.path.exists(tmp_path / 'checkpoints')
 
 
+@pytest.mark.parametrize('mode, flag', [('train', '--seed=3'), ('eval', '--temperature=0.5'),
+                                        ('train', '--prompt=def '), ('eval', '--top_p=0.9')])
+def test_launch_rejects_sample_flags_outside_sample_mode(tmp_path, mode, flag):
+  result = run_launch('--config=experiments/linear_regression.py:cpu', f'--workdir={tmp_path}',
+                      f'--mode={mode}', flag)
+  assert result.returncode == 1
+  name = flag.split('=')[0]
+  assert f'{name} is only used with --mode=sample, not --mode={mode}' in result.stderr
+  assert 'Traceback' not in result.stderr and not os.listdir(tmp_path)  # nothing was run
+
+
 def test_launch_explains_a_dataset_it_cannot_download(tmp_path):
   """Offline, the default (download=True) fails fast with instructions, no traceback."""
   if image._network_reachable():  # pylint: disable=protected-access
