@@ -25,9 +25,19 @@ def make_schedule(opt_config, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
+DECAYED = frozenset({'kernel', 'embedding'})  # Flax's names for weight matrices and tables
+
+
 def decay_mask(params):
-  """Weight decay applies to matrices and convolution kernels, never to biases or norm scales."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """Weight decay applies to weights (Flax `kernel`s and `embedding`s), never to biases or norms.
+
+  By name, not by rank: a stacked (scanned) LayerNorm scale or a [3, heads, head_dim] attention
+  bias has more than one dimension but is no weight matrix.
+  """
+  def is_weight(path, _):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] in DECAYED
+  return jax.tree_util.tree_map_with_path(is_weight, params)
 
 
 def make_optimizer(opt_config, total_steps: int) -> tuple[optax.GradientTransformation,

@@ -3,6 +3,7 @@ against torch.optim on the same problem."""
 import math
 
 import jax
+from flax import linen as nn
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -58,6 +59,23 @@ def test_decay_mask_excludes_vectors():
   assert sum(names.values()) == 1 + 2 + 2 + 1 + 1  # stem, 2 per block, projection, head
 
 
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_decay_mask_of_gpt_by_name_not_rank(scan_layers):
+  """Scanned LayerNorm scales and the 2-D qkv bias have ndim > 1 but must not be decayed."""
+  model = models.build_model(config.model_config(
+      'gpt', vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=8, scan_layers=scan_layers))
+  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                        jnp.zeros((1, 8), jnp.int32))['params'])
+  flat = jax.tree_util.tree_leaves_with_path(optim.decay_mask(params))
+  leaves = dict(jax.tree_util.tree_leaves_with_path(params))
+  decayed = {jax.tree_util.keystr(k) for k, d in flat if d}
+  kept = {jax.tree_util.keystr(k): leaves[k].ndim for k, d in flat if not d}
+  assert decayed and all(k.endswith(("['kernel']", "['embedding']")) for k in decayed)
+  assert any(k.endswith("['scale']") for k in kept) and any('bias' in k for k in kept)
+  if scan_layers:  # the stacked norm scales and biases are 2-D or more, and still kept
+    assert max(kept.values()) > 1
+
+
 @pytest.mark.parametrize('name', ['adamw', 'sgd', 'adam'])
 def test_weight_decay_skips_biases(name):
   lr, wd = 0.1, 0.1
@@ -88,13 +106,13 @@ def run_optax(c, steps=6):
   x, y, w = quadratic_problem()
   loss = lambda w: 0.5 * jnp.mean(jnp.sum((x @ w - y) ** 2, -1))
   tx, _ = optim.make_optimizer(c, total_steps=100)
-  params = {'w': jnp.asarray(w)}
+  params = {'kernel': jnp.asarray(w)}  # a weight by name, so weight decay applies
   state = tx.init(params)
   for _ in range(steps):
-    grads = jax.grad(lambda p: loss(p['w']))(params)
+    grads = jax.grad(lambda p: loss(p['kernel']))(params)
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
-  return np.asarray(params['w'])
+  return np.asarray(params['kernel'])
 
 
 def run_torch(torch, make, steps=6):
