@@ -8,10 +8,15 @@ import optax
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
-  """Per-example softmax cross-entropy on integer labels."""
-  onehot = jax.nn.one_hot(labels, logits.shape[-1])
-  if label_smoothing:
-    onehot = optax.smooth_labels(onehot, label_smoothing)
+  """Per-example softmax cross-entropy on integer labels, computed in float32.
+
+  Without label smoothing no one-hot array is made (for GPT-2's vocabulary it would be as large
+  as the logits); bfloat16 logits are upcast inside the fused loss, never stored as float32.
+  """
+  logits = logits.astype(jnp.float32)
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  onehot = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
   return optax.softmax_cross_entropy(logits, onehot)
 
 

@@ -4,8 +4,11 @@
 
 Reads the experiment's config and builds the matching torch network (a nanoGPT-style GPT with
 the same layer sizes and tied head, or the MNIST CNN / LeNet-5), trains it with the same
-optimizer (AdamW / Adam, float32) on random data of the same shape, and prints one JSON line
-in the format of `research.benchmark`. Only for measuring; torch is a test dependency
+optimizer (AdamW / Adam) and gradient accumulation on random data of the same shape, and prints
+one JSON line in the format of `research.benchmark`. On CPU it runs float32 in eager mode. On a
+GPU (`--device=cuda`) it runs as nanoGPT does there: parameters float32, activations under
+bfloat16 autocast when the config's model.dtype is bfloat16, fused AdamW, flash attention
+through `scaled_dot_product_attention`, and `--compile` for `torch.compile`. Only for measuring; torch is a test dependency
 (requirements-test.txt), not a dependency of the library.
 """
 import json
@@ -23,7 +26,10 @@ from torch.nn import functional as F
 config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].')
 flags.DEFINE_integer('steps', 20, 'Timed steps.')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps.')
-flags.DEFINE_integer('vocab_size', 257, 'GPT: the vocabulary (the byte tokenizer has 257).')
+flags.DEFINE_integer('vocab_size', 257, 'GPT: the vocabulary (the byte tokenizer has 257; '
+                     'GPT-2 small: 50304, its 50257 padded as ours is).')
+flags.DEFINE_string('device', 'cpu', "'cpu' or 'cuda'.")
+flags.DEFINE_bool('compile', False, 'torch.compile the model (as nanoGPT does on GPUs).')
 FLAGS = flags.FLAGS
 
 
@@ -52,7 +58,7 @@ class GPT(nn.Module):
     self.ln_f = nn.LayerNorm(n_embd, bias=bias)
 
   def forward(self, idx):
-    x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+    x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
     for block in self.h:
       x = block(x)
     return self.ln_f(x) @ self.wte.weight.T  # tied head
@@ -73,6 +79,8 @@ def lenet5():
 def build(config):
   """(model, optimizer, inputs, targets, tokens per example) for the experiment."""
   m, opt, b = config.model, config.optimizer, config.batch_size
+  device = torch.device(FLAGS.device)
+  fused = device.type == 'cuda' or None
   if m.name == 'gpt':
     model = GPT(FLAGS.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.use_bias)
     t = config.data.seq_len
@@ -84,16 +92,17 @@ def build(config):
     x, y, t = torch.randn(shape), torch.randint(0, 10, (b,)), None
   else:
     raise app.UsageError(f'No torch reference for model {m.name!r}.')
+  model.to(device)
   if opt.name == 'adamw':
     decay = [p for p in model.parameters() if p.dim() > 1]
     rest = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': opt.weight_decay},
                                    {'params': rest, 'weight_decay': 0.0}],
-                                  lr=opt.learning_rate, betas=(opt.b1, opt.b2))
+                                  lr=opt.learning_rate, betas=(opt.b1, opt.b2), fused=fused)
   else:
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate,
-                                 betas=(opt.b1, opt.b2))
-  return model, optimizer, x, y, t
+                                 betas=(opt.b1, opt.b2), fused=fused)
+  return model, optimizer, x.to(device), y.to(device), t
 
 
 def main(argv):
@@ -101,16 +110,24 @@ def main(argv):
   config = FLAGS.config
   torch.manual_seed(0)
   model, optimizer, x, y, seq_len = build(config)
+  forward = torch.compile(model) if FLAGS.compile else model
+  cuda = x.device.type == 'cuda'
+  autocast = torch.autocast('cuda', torch.bfloat16, enabled=(
+      cuda and config.model.get('dtype') == 'bfloat16'))
+  accum = config.get('grad_accum_steps', 1) or 1
+  micro_x, micro_y = x.chunk(accum), y.chunk(accum)
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    logits = model(x)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    loss.backward()
+    for xs, ys in zip(micro_x, micro_y):
+      with autocast:
+        logits = forward(xs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ys.reshape(-1))
+      (loss / accum).backward()
     if config.optimizer.grad_clip_norm:
       nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip_norm)
     optimizer.step()
-    return loss.item()
+    return loss.item()  # waits for the step, on a GPU too
 
   for _ in range(FLAGS.warmup):
     step()
@@ -126,7 +143,14 @@ def main(argv):
     result['tokens_per_sec'] = result['examples_per_sec'] * seq_len
   result.update(step_ms=1000 * step_s, params=sum(p.numel() for p in model.parameters()),
                 batch_size=config.batch_size, seq_len=seq_len, threads=torch.get_num_threads(),
-                torch=torch.__version__, config=flags.FLAGS['config'].config_filename)
+                torch=torch.__version__, compiled=FLAGS.compile,
+                device=torch.cuda.get_device_name() if cuda else 'cpu',
+                config=flags.FLAGS['config'].config_filename)
+  if seq_len and config.model.name == 'gpt':  # MFU as research.benchmark counts it (6N + 12LCT)
+    m = config.model
+    n = result['params'] - m.block_size * m.n_embd
+    result['mfu_vs_989tflops'] = ((6 * n + 12 * m.n_layer * m.n_embd * seq_len)
+                                  * result['tokens_per_sec'] / 989e12) if cuda else None
   print(json.dumps(result))
 
 

@@ -30,7 +30,20 @@ SIZES = {
     'large': dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
     'xl': dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
 }
-ATTENTION = {'xla': None, 'cudnn': 'cudnn', 'reference': 'reference'}
+ATTENTION = ('auto', 'xla', 'cudnn', 'reference')
+
+
+def attention_for(q, mask) -> str:
+  """What 'auto' runs: cuDNN's fused flash attention where it applies (a GPU, 16-bit inputs,
+  plain causal attention, head_dim a multiple of 8 up to 128), else XLA's own.
+
+  `jax.nn.dot_product_attention` with no implementation named runs XLA's version even on GPUs,
+  which measured half the speed of cuDNN's for GPT-2 small on an H200 (BENCHMARKS.md).
+  """
+  if (jax.default_backend() == 'gpu' and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+      and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128):
+    return 'cudnn'
+  return 'xla'
 
 
 def gpt_config(size: str, **overrides) -> dict:
@@ -62,14 +75,16 @@ def attend(q, k, v, mask, implementation):
   `mask` (bool, broadcastable to [B, N, T, S], True = attend) is given when decoding from the
   cache; None means plain causal attention with T == S.
   """
+  if implementation == 'auto':
+    implementation = attention_for(q, mask)
   if implementation == 'reference':
     if mask is None:
       mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
     scores = jnp.einsum('btnh,bsnh->bnts', q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     return jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(scores).astype(v.dtype), v)
-  if mask is not None:  # cuDNN's fused kernel wants T == S; decoding uses whichever JAX picks.
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  if mask is not None:  # cuDNN's fused kernel wants T == S; decoding uses XLA's.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
@@ -169,7 +184,7 @@ class Block(nn.Module):
     mask = None
     if self.decode:
       k, v, mask = KVCache(self.block_size, name='cache')(k, v)
-    y = attend(q, k, v, mask, ATTENTION[self.attention])
+    y = attend(q, k, v, mask, self.attention)
     y = dense(width, ('heads', 'kv', 'embed'), 'attn_proj', residual_std, in_dims=2)(y)
     x = constrain(x + dropout(y), ('batch', 'length', 'embed'))
 
@@ -201,8 +216,9 @@ class GPT(nn.Module):
   use_bias: bool = True        # in the Dense and LayerNorm layers
   dtype: Any = jnp.float32     # activations and matmuls
   param_dtype: Any = jnp.float32
-  attention: str = 'xla'       # 'xla' (JAX picks cuDNN flash attention where it can), 'cudnn',
-                               # or 'reference' (explicit einsum + softmax, for tests)
+  attention: str = 'auto'      # 'auto' (cuDNN flash attention on GPUs where it applies, else
+                               # 'xla'), 'xla', 'cudnn', or 'reference' (explicit einsum +
+                               # softmax, for tests)
   remat: str = 'none'          # 'none', 'full', 'dots' or a jax.checkpoint_policies name
   scan_layers: bool = False    # one nn.scan over the blocks; parameters stacked on axis 0
   decode: bool = False         # KV-cache mode for sampling; see research/sample.py
