@@ -83,7 +83,17 @@ def decode(model, params, chunks):
   return jnp.concatenate(outputs, axis=1)
 
 
-@pytest.mark.parametrize('attention', ['xla', 'reference'])
+def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch):
+  q16 = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+  assert transformer.attention_for(q16, None) == 'xla'  # this CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert transformer.attention_for(q16, None) == 'cudnn'
+  assert transformer.attention_for(q16.astype(jnp.float32), None) == 'xla'  # cuDNN wants 16-bit
+  assert transformer.attention_for(q16, jnp.ones((1, 1, 8, 8), bool)) == 'xla'  # cache mask
+  assert transformer.attention_for(jnp.zeros((1, 8, 2, 160), jnp.bfloat16), None) == 'xla'
+
+
+@pytest.mark.parametrize('attention', ['auto', 'xla', 'reference'])
 def test_kv_cache_matches_full_forward(params, attention):
   model, x = GPT(**TINY, attention=attention), tokens(time=16)  # the whole context
   full = forward(model, params, x)
