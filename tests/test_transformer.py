@@ -85,15 +85,32 @@ def decode(model, params, chunks):
 
 def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch):
   q16 = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
-  assert transformer.attention_for(q16, None) == 'xla'  # this CPU
+  assert transformer.attention_for(q16, jnp.ones((1, 1, 8, 8), bool)) == 'xla'  # decoding
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert transformer.attention_for(q16, None) == 'cudnn'
   assert transformer.attention_for(q16.astype(jnp.float32), None) == 'xla'  # cuDNN wants 16-bit
   assert transformer.attention_for(q16, jnp.ones((1, 1, 8, 8), bool)) == 'xla'  # cache mask
   assert transformer.attention_for(jnp.zeros((1, 8, 2, 160), jnp.bfloat16), None) == 'xla'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert transformer.attention_for(q16, None) == 'chunked'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert transformer.attention_for(q16, None) == 'xla'
 
 
-@pytest.mark.parametrize('attention', ['auto', 'xla', 'reference'])
+@pytest.mark.parametrize('time,chunk', [(16, 4), (13, 4), (5, 8)])  # ragged last block; one block
+def test_chunked_attention_matches_reference_and_its_gradient(time, chunk):
+  rng = np.random.default_rng(time)
+  q, k, v, g = (jnp.asarray(rng.normal(size=(2, time, 3, 8)), jnp.float32) for _ in range(4))
+  reference = lambda q, k, v: transformer.attend(q, k, v, None, 'reference')
+  chunked = lambda q, k, v: transformer.chunked_causal_attention(q, k, v, chunk)
+  out, vjp = jax.vjp(chunked, q, k, v)
+  expected, expected_vjp = jax.vjp(reference, q, k, v)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  for got, want in zip(vjp(g), expected_vjp(g)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize('attention', ['auto', 'xla', 'chunked', 'reference'])
 def test_kv_cache_matches_full_forward(params, attention):
   model, x = GPT(**TINY, attention=attention), tokens(time=16)  # the whole context
   full = forward(model, params, x)

@@ -30,20 +30,25 @@ SIZES = {
     'large': dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),   # 774M
     'xl': dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),      # 1558M
 }
-ATTENTION = ('auto', 'xla', 'cudnn', 'reference')
+ATTENTION = ('auto', 'xla', 'cudnn', 'chunked', 'reference')
+QUERY_CHUNK = 64  # rows of queries per block of 'chunked' attention
 
 
 def attention_for(q, mask) -> str:
   """What 'auto' runs: cuDNN's fused flash attention where it applies (a GPU, 16-bit inputs,
-  plain causal attention, head_dim a multiple of 8 up to 128), else XLA's own.
+  plain causal attention, head_dim a multiple of 8 up to 128); 'chunked' on CPUs; else XLA's.
 
   `jax.nn.dot_product_attention` with no implementation named runs XLA's version even on GPUs,
-  which measured half the speed of cuDNN's for GPT-2 small on an H200 (BENCHMARKS.md).
+  which measured half the speed of cuDNN's for GPT-2 small on an H200, and on a 2-core CPU a
+  quarter of the speed of 'chunked' for the nano GPT's shapes (BENCHMARKS.md).
   """
-  if (jax.default_backend() == 'gpu' and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+  if mask is not None:
+    return 'xla'
+  backend = jax.default_backend()
+  if (backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16)
       and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128):
     return 'cudnn'
-  return 'xla'
+  return 'chunked' if backend == 'cpu' else 'xla'
 
 
 def gpt_config(size: str, **overrides) -> dict:
@@ -77,6 +82,8 @@ def attend(q, k, v, mask, implementation):
   """
   if implementation == 'auto':
     implementation = attention_for(q, mask)
+  if implementation == 'chunked' and mask is None:
+    return chunked_causal_attention(q, k, v)
   if implementation == 'reference':
     if mask is None:
       mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
@@ -86,6 +93,30 @@ def attend(q, k, v, mask, implementation):
   if mask is not None:  # cuDNN's fused kernel wants T == S; decoding uses XLA's.
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation='xla')
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
+def chunked_causal_attention(q, k, v, chunk: int = QUERY_CHUNK):
+  """Causal attention computed in blocks of `chunk` queries, each against only the keys it can
+  see, so the fully masked upper triangle is never computed (about half the work at length
+  T >> chunk). Heads are moved before time once, so every matmul is a contiguous batched one,
+  and the softmax is normalised after the values are summed (one division of [chunk, head_dim]
+  instead of [chunk, keys]). Exact: the same function as 'reference', to float rounding.
+
+  This is what XLA's CPU backend runs fastest (BENCHMARKS.md); on accelerators the fused
+  kernels ('cudnn') are better.
+  """
+  time = q.shape[1]
+  qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q / math.sqrt(q.shape[-1]), k, v))  # [B,N,T,H]
+  outs = []
+  for start in range(0, time, chunk):
+    end = min(start + chunk, time)
+    s = jnp.einsum('bnqh,bnkh->bnqk', qt[:, :, start:end], kt[:, :, :end]).astype(jnp.float32)
+    visible = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+    s = jnp.where(visible, s, jnp.finfo(jnp.float32).min)
+    p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
+    o = jnp.einsum('bnqk,bnkh->bnqh', p.astype(v.dtype), vt[:, :, :end])
+    outs.append((o / p.sum(-1, keepdims=True)).astype(v.dtype))
+  return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
 
 
 class KVCache(nn.Module):
@@ -216,9 +247,10 @@ class GPT(nn.Module):
   use_bias: bool = True        # in the Dense and LayerNorm layers
   dtype: Any = jnp.float32     # activations and matmuls
   param_dtype: Any = jnp.float32
-  attention: str = 'auto'      # 'auto' (cuDNN flash attention on GPUs where it applies, else
-                               # 'xla'), 'xla', 'cudnn', or 'reference' (explicit einsum +
-                               # softmax, for tests)
+  attention: str = 'auto'      # 'auto' (cuDNN flash attention on GPUs where it applies,
+                               # 'chunked' on CPUs, else 'xla'), 'xla', 'cudnn', 'chunked'
+                               # (causal blocks, see chunked_causal_attention), or
+                               # 'reference' (explicit einsum + softmax, for tests)
   remat: str = 'none'          # 'none', 'full', 'dots' or a jax.checkpoint_policies name
   scan_layers: bool = False    # one nn.scan over the blocks; parameters stacked on axis 0
   decode: bool = False         # KV-cache mode for sampling; see research/sample.py
