@@ -219,3 +219,34 @@ def test_unknown_model_field_suggests_close_match():
     models.build_model(bad)
   with pytest.raises(ValueError, match=r'config\.model\.widht.*config\.model\.width'):
     config.model_config('resnet', widht=16)
+
+
+@pytest.mark.parametrize('shape', [(2, 26, 26, 3), (2, 11, 11, 4)])  # even; odd (last row dropped)
+def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient(shape):
+  from research.models import cnn
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)  # no ties
+  flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(cnn.max_pool_2x2(x), flax_pool(x))
+  g = jnp.asarray(np.random.default_rng(1).normal(size=flax_pool(x).shape), jnp.float32)
+  ours = jax.vjp(cnn.max_pool_2x2, x)[1](g)[0]
+  np.testing.assert_allclose(ours, jax.vjp(flax_pool, x)[1](g)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize('kernel,channels', [((5, 5), 3), ((3, 3), 1), ((3, 3), 32)])
+def test_patch_conv_matches_lax_convolution_and_its_gradients(kernel, channels):
+  """The last case has kh * kw * channels above the threshold: it must take lax's own path."""
+  from research.models import cnn
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 12, 12, channels)), jnp.float32)
+  conv = lambda impl: nn.Conv(6, kernel, padding='VALID', conv_general_dilated=impl)
+  params = conv(None).init(jax.random.key(0), x)
+  ours = lambda p, x: conv(cnn.patch_conv).apply(p, x)
+  lax_conv = lambda p, x: conv(None).apply(p, x)
+  np.testing.assert_allclose(ours(params, x), lax_conv(params, x), rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.normal(size=lax_conv(params, x).shape), jnp.float32)
+  got, want = jax.vjp(ours, params, x)[1](g), jax.vjp(lax_conv, params, x)[1](g)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  if kernel[0] * kernel[1] * channels <= cnn.PATCH_CONV_MAX_K:  # the matmul path was taken
+    hlo = jax.jit(ours).lower(params, x).as_text()
+    assert 'convolution' not in hlo and 'dot_general' in hlo

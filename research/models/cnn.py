@@ -3,7 +3,53 @@ import functools
 from typing import Any, Sequence
 
 from flax import linen as nn
+import jax
+from jax import lax
 import jax.numpy as jnp
+
+PATCH_CONV_MAX_K = 150  # CPU: convolutions with kh * kw * in_channels up to this run as a matmul
+
+
+def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, precision=None):
+  """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: on CPUs a stride-1,
+  'VALID', undilated NHWC convolution with few input channels (LeNet's and the MNIST CNN's
+  first layers) runs as one matmul over its kh * kw shifted input windows, which XLA's CPU
+  backend does 2x faster (forward and weight gradient) than its convolution for such shapes
+  (BENCHMARKS.md). Everything else goes to `lax.conv_general_dilated` unchanged.
+  """
+  kh, kw, ci, co = rhs.shape
+  simple = (jax.default_backend() == 'cpu' and lhs.ndim == 4 and padding == 'VALID'
+            and tuple(window_strides) == (1, 1) and feature_group_count == 1
+            and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+            and dimension_numbers == lax.conv_dimension_numbers(
+                lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+            and kh * kw * ci <= PATCH_CONV_MAX_K)
+  if not simple:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        precision=precision)
+  b, h, w, _ = lhs.shape
+  oh, ow = h - kh + 1, w - kw + 1
+  windows = jnp.stack([lhs[:, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=3)
+  out = jnp.dot(windows.reshape(-1, kh * kw * ci), rhs.reshape(kh * kw * ci, co),
+                precision=precision)
+  return out.reshape(b, oh, ow, co)
+
+
+def max_pool_2x2(x):
+  """2x2 max pooling with stride 2 ('VALID': an odd last row or column is dropped), NHWC.
+
+  The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, written as a reshape and a max
+  because XLA's CPU backend turns the gradient of `reduce_window` (select_and_scatter) into a
+  variadic reduce-window over four index arrays and a scatter: more than half of the MNIST
+  CNN's step time on a 2-core CPU (BENCHMARKS.md). The gradient of a max reduction goes to the
+  maximal element, shared only between exact ties.
+  """
+  b, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class LeNet5(nn.Module):
@@ -16,10 +62,10 @@ class LeNet5(nn.Module):
   def __call__(self, x, *, train: bool = False):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding='VALID', dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+                             param_dtype=self.param_dtype, conv_general_dilated=patch_conv)
     x = x.astype(self.dtype)
-    x = nn.max_pool(nn.relu(conv(6)(x)), (2, 2), strides=(2, 2))
-    x = nn.max_pool(nn.relu(conv(16)(x)), (2, 2), strides=(2, 2))
+    x = max_pool_2x2(nn.relu(conv(6)(x)))
+    x = max_pool_2x2(nn.relu(conv(16)(x)))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(dense(120)(x))
     x = nn.relu(dense(84)(x))
@@ -36,10 +82,10 @@ class MnistCNN(nn.Module):
   def __call__(self, x, *, train: bool = False):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding='VALID', dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+                             param_dtype=self.param_dtype, conv_general_dilated=patch_conv)
     x = x.astype(self.dtype)
-    x = nn.max_pool(nn.relu(conv(32)(x)), (2, 2), strides=(2, 2))
-    x = nn.max_pool(nn.relu(conv(64)(x)), (2, 2), strides=(2, 2))
+    x = max_pool_2x2(nn.relu(conv(32)(x)))
+    x = max_pool_2x2(nn.relu(conv(64)(x)))
     x = nn.relu(conv(64)(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(dense(64)(x))
