@@ -103,11 +103,9 @@ def run(config, steps: int, warmup: int, name: str = '') -> dict:
     mfu = None
     if config.model.name == 'gpt':
       result['tokens_per_sec'] = result['examples_per_sec'] * seq_len
-      per_token = transformer.flops_per_token(
-          num_params - params['wpe']['embedding'].size, config.model.n_layer,
-          config.model.n_embd, seq_len)
-      peak, _ = metrics_lib.peak_flops(jax.devices()[0])
-      mfu = per_token * result['tokens_per_sec'] / (peak * jax.device_count())
+      per_token = transformer.gpt_flops_per_token(
+          params, config.model.n_layer, config.model.n_embd, seq_len)
+      mfu = per_token * result['tokens_per_sec'] / metrics_lib.total_peak_flops()[0]
     result.update(
         step_ms=1000 * step_s, compile_s=compile_s, mfu=mfu,
         peak_memory_bytes=peak_memory_bytes(step), params=num_params,

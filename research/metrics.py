@@ -80,6 +80,12 @@ def cpu_flops_per_core() -> float:
   return 2.5e9 * 2 * lanes * 2
 
 
+def total_peak_flops() -> tuple[float, bool]:
+  """(peak FLOP/s of all devices of the run, whether it is an estimate): MFU's denominator."""
+  peak, estimated = peak_flops(jax.devices()[0])
+  return peak * jax.device_count(), estimated
+
+
 def peak_flops(device) -> tuple[float, bool]:
   """(peak FLOP/s of one device, whether it is an estimate) for MFU."""
   kind = device.device_kind

@@ -44,6 +44,7 @@ class Experiment:
   rng: jax.Array       # folded with the step inside train_step (dropout, augmentation)
   num_classes: int
   flops_per_token: float = 0.0  # language models: training FLOPs per token, for MFU
+  peak_flops: float = float('nan')  # of all devices together, for MFU
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
@@ -179,8 +180,7 @@ def _write_train(exp, writer, step, window, clock):
   values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
   if exp.flops_per_token:
     values['tokens_per_sec'] = values['examples_per_sec'] * exp.config.data.seq_len
-    peak, _ = metrics_lib.peak_flops(jax.devices()[0])
-    values['mfu'] = exp.flops_per_token * values['tokens_per_sec'] / (peak * jax.device_count())
+    values['mfu'] = exp.flops_per_token * values['tokens_per_sec'] / exp.peak_flops
   writer.write(step, 'train', values)
   writer.log(writer_lib.progress_line(step, exp.config.total_steps, values, seconds_per_step))
   clock.restart()
@@ -248,12 +248,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = exp.compiled.get_state(state).params
   num_params = sum(x.size for x in jax.tree.leaves(params))
   if config.model.name == 'gpt':
-    exp.flops_per_token = transformer.flops_per_token(
-        num_params - params['wpe']['embedding'].size, config.model.n_layer,
-        config.model.n_embd, config.data.seq_len)
-    peak, estimated = metrics_lib.peak_flops(jax.devices()[0])
+    exp.flops_per_token = transformer.gpt_flops_per_token(
+        params, config.model.n_layer, config.model.n_embd, config.data.seq_len)
+    exp.peak_flops, estimated = metrics_lib.total_peak_flops()
     writer.log(f'{exp.flops_per_token / 1e6:.1f} MFLOPs per token (6N + 12 L C T); MFU against '
-               f'{peak * jax.device_count() / 1e12:.3g} TFLOP/s'
+               f'{exp.peak_flops / 1e12:.3g} TFLOP/s'
                + (' (an estimate for this CPU)' if estimated else ''))
   writer.log(f'{config.model.name}: {num_params:,} parameters; {jax.device_count()} devices '
              f'({jax.devices()[0].device_kind}), parallel.mode={config.parallel.mode}; '

@@ -74,6 +74,12 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> i
   return 6 * n_params + 12 * n_layer * n_embd * seq_len
 
 
+def gpt_flops_per_token(params, n_layer: int, n_embd: int, seq_len: int) -> int:
+  """`flops_per_token` of a GPT's parameters: N is all of them but the position table."""
+  return flops_per_token(count_params(params) - math.prod(params['wpe']['embedding'].shape),
+                         n_layer, n_embd, seq_len)
+
+
 def attend(q, k, v, mask, implementation):
   """Causal multi-head attention; q [B, T, N, H], k and v [B, S, N, H] -> [B, T, N, H].
 
