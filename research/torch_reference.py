@@ -113,7 +113,7 @@ def main(argv):
   forward = torch.compile(model) if FLAGS.compile else model
   cuda = x.device.type == 'cuda'
   autocast = torch.autocast('cuda', torch.bfloat16, enabled=(
-      cuda and config.model.get('dtype') == 'bfloat16'))
+      cuda and config.model.get('dtype') in ('bfloat16', 'auto')))
   accum = config.get('grad_accum_steps', 1) or 1
   micro_x, micro_y = x.chunk(accum), y.chunk(accum)
 

@@ -8,6 +8,7 @@ import difflib
 import importlib
 
 from flax import linen as nn
+import jax
 import jax.numpy as jnp
 
 # name -> "module:Class", imported on first use so that an image experiment never imports
@@ -54,12 +55,19 @@ def check_config(model_config, extra=()):
     check({**{k: v for k, v in model_config.items() if k != 'name'}, **dict(extra)})
 
 
+def auto_dtype() -> str:
+  """`config.model.dtype='auto'`: bfloat16 activations on accelerators, float32 on CPUs."""
+  return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+
+
 def build_model(model_config, **overrides) -> nn.Module:
   """Builds `config.model` into a module; `overrides` are set by the trainer (e.g. dtype)."""
   check_config(model_config, extra=overrides)
   kwargs = {k: v for k, v in model_config.items() if k != 'name'}
   kwargs.update(overrides)
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  if kwargs.get('dtype') == 'auto':
+    kwargs['dtype'] = auto_dtype()
   for key in ('dtype', 'param_dtype'):
     if isinstance(kwargs.get(key), str):
       kwargs[key] = jnp.dtype(kwargs[key])
