@@ -8,6 +8,7 @@ never listed; a complete checkpoint that fails to load is skipped for the one be
 """
 import os
 import shutil
+import socket
 import signal
 
 from absl import logging
@@ -120,7 +121,8 @@ def check_workdir(workdir: str, state_bytes: int, keep: int):
   """Fails early when the workdir cannot be written or has no room for the checkpoints."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
+    # One probe per process: the processes of a multi-host run share the workdir.
+    probe = os.path.join(workdir, f'.write_test.{socket.gethostname()}.{os.getpid()}')
     with open(probe, 'w', encoding='utf-8') as f:
       f.write('ok')
     os.remove(probe)

@@ -209,3 +209,23 @@ def test_evaluate_with_another_tokenizer_than_the_checkpoint_is_reported(tmp_pat
   with pytest.raises(ValueError, match=r'tokenizer .* \(char, 7 tokens\) differs from the one '
                                        r'the checkpoint was trained with \(char, 7 tokens'):
     train.evaluate(config, workdir)
+
+
+def _check_workdir_repeatedly(workdir, times):
+  for _ in range(times):
+    checkpoint.check_workdir(workdir, state_bytes=1, keep=1)
+
+
+def test_workdir_check_of_processes_sharing_a_workdir_does_not_collide(tmp_path):
+  """The processes of a multi-host run check the same workdir at the same moment (a shared
+  probe file made one of them fail, seen in test_multiprocess)."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  context = multiprocessing.get_context('fork')
+  workers = [context.Process(target=_check_workdir_repeatedly, args=(str(tmp_path), 300))
+             for _ in range(4)]
+  for w in workers:
+    w.start()
+  for w in workers:
+    w.join(60)
+  assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+  assert not list(tmp_path.iterdir())  # every probe removed
