@@ -11,7 +11,7 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   """Per-example softmax cross-entropy on integer labels, computed in float32.
 
   Without label smoothing no one-hot array is made (for GPT-2's vocabulary it would be as large
-  as the logits); bfloat16 logits are upcast inside the fused loss, never stored as float32.
+  as the logits).
   """
   logits = logits.astype(jnp.float32)
   if not label_smoothing:

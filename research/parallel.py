@@ -155,5 +155,4 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
         put_state=lambda state: jax.tree.map(replicate, state),
         get_state=lambda state: jax.device_put(first(state), replicated),
         get_metrics=first, state_sharding=every_leaf)
-  raise ValueError(f'config.parallel.mode={mode!r}: use jit or pmap.')
 

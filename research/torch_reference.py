@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from research.models import transformer
+
 config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].')
 flags.DEFINE_integer('steps', 20, 'Timed steps.')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps.')
@@ -146,11 +148,11 @@ def main(argv):
                 torch=torch.__version__, compiled=FLAGS.compile,
                 device=torch.cuda.get_device_name() if cuda else 'cpu',
                 config=flags.FLAGS['config'].config_filename)
-  if seq_len and config.model.name == 'gpt':  # MFU as research.benchmark counts it (6N + 12LCT)
+  if seq_len and config.model.name == 'gpt':  # MFU as research.benchmark counts it
     m = config.model
-    n = result['params'] - m.block_size * m.n_embd
-    result['mfu_vs_989tflops'] = ((6 * n + 12 * m.n_layer * m.n_embd * seq_len)
-                                  * result['tokens_per_sec'] / 989e12) if cuda else None
+    per_token = transformer.flops_per_token(result['params'] - m.block_size * m.n_embd,
+                                            m.n_layer, m.n_embd, seq_len)
+    result['mfu_vs_989tflops'] = per_token * result['tokens_per_sec'] / 989e12 if cuda else None
   print(json.dumps(result))
 
 

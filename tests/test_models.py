@@ -256,9 +256,6 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(monkeypatch):
   c = config.model_config('gpt', vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=8,
                           dtype='auto')
   assert models.build_model(c).dtype == jnp.float32  # this CPU
-  logits = models.build_model(c).init_with_output(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))[0]
-  assert logits.dtype == jnp.float32
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert models.build_model(c).dtype == jnp.bfloat16
   assert models.build_model(c).param_dtype == jnp.float32
