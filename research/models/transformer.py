@@ -182,8 +182,14 @@ class Dense(nn.Module):
         'kernel', nn.with_logical_partitioning(nn.initializers.normal(self.std), self.names),
         (*x.shape[x.ndim - self.in_dims:], *features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    # One row per token ([batch, length, ...] -> [tokens, ...]): with batch and length as two
+    # axes, the kernel's gradient contracts both, and XLA's CPU backend fed that product
+    # through transposes of the whole activation gradient (2-3x the step time of
+    # shakespeare_char, BENCHMARKS.md). Batch is the major axis, so its sharding carries over.
+    lead = x.shape[:x.ndim - self.in_dims]
+    x = x.reshape(-1, *x.shape[x.ndim - self.in_dims:])
+    contract = (tuple(range(1, 1 + self.in_dims)), tuple(range(self.in_dims)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ()))).reshape(*lead, *features)
     if self.use_bias:
       bias = self.param(
           'bias', nn.with_logical_partitioning(nn.initializers.zeros, self.names[self.in_dims:]),
