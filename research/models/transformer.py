@@ -186,9 +186,17 @@ class Dense(nn.Module):
     # axes, the kernel's gradient contracts both, and XLA's CPU backend fed that product
     # through transposes of the whole activation gradient (2-3x the step time of
     # shakespeare_char, BENCHMARKS.md). Batch is the major axis, so its sharding carries over.
-    lead = x.shape[:x.ndim - self.in_dims]
-    x = x.reshape(-1, *x.shape[x.ndim - self.in_dims:])
-    contract = (tuple(range(1, 1 + self.in_dims)), tuple(range(self.in_dims)))
+    # On CPUs the kernel is flattened to a matrix as well (c_attn's [embed, 3, heads, dim] and
+    # attn_proj's [heads, dim, embed]): its gradients with several contracting axes ran at half
+    # the matmul speed there. Elsewhere it is not, so that a kernel split over heads (tensor
+    # parallelism) is not gathered by the reshape.
+    lead, inputs = x.shape[:x.ndim - self.in_dims], x.shape[x.ndim - self.in_dims:]
+    if jax.default_backend() == 'cpu':
+      x, kernel = x.reshape(-1, math.prod(inputs)), kernel.reshape(math.prod(inputs), -1)
+      contract = ((1,), (0,))
+    else:
+      x = x.reshape(-1, *inputs)
+      contract = (tuple(range(1, 1 + self.in_dims)), tuple(range(self.in_dims)))
     y = jax.lax.dot_general(x, kernel, (contract, ((), ()))).reshape(*lead, *features)
     if self.use_bias:
       bias = self.param(
