@@ -46,7 +46,7 @@ def _probe(**env):
 @pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc',
                     reason='the tuning is for glibc malloc')
 def test_steps_stop_page_faulting():
-  tuned, faults = _probe()
+  tuned, faults = _probe(RESEARCH_KEEP_FREED_MEMORY='1')
   untuned, faults_default = _probe(RESEARCH_KEEP_FREED_MEMORY='0')
   assert tuned and not untuned
   pages = (256 << 20) // 4096
@@ -57,6 +57,7 @@ def test_steps_stop_page_faulting():
 
 
 def test_accelerator_expected_follows_jax_platforms(monkeypatch):
+  monkeypatch.setenv('RESEARCH_KEEP_FREED_MEMORY', '1')
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   assert not hostmem.accelerator_expected()
   monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
