@@ -7,7 +7,7 @@ with munmap, so every step page-faults its whole working set in again, the kerne
 page: for `experiments/gpt_small.py:nano` 85k page faults and ~140 ms of system time per 290 ms
 step (BENCHMARKS.md). With RESEARCH_KEEP_FREED_MEMORY=1 in the environment,
 `keep_freed_memory()` makes glibc serve every thread from its main heap, never mmap, and never
-trim that heap, so each step reuses the previous step's pages: the GPTs' steps are 1.15-1.4x
+trim that heap, so each step reuses the previous step's pages: the GPTs' steps are 1.06-1.4x
 faster on the 2-core CPU. It is off by default because one heap for all threads is slower
 where many threads allocate small blocks: LeNet's 9 ms step took 15 ms with it.
 
