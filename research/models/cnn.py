@@ -32,7 +32,11 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
         precision=precision)
   b, h, w, _ = lhs.shape
   oh, ow = h - kh + 1, w - kw + 1
-  windows = jnp.stack([lhs[:, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=3)
+  # The kw horizontal shifts side by side, then kh vertical shifts of those: features ordered
+  # (i, j, channel) like rhs. Two passes of kw and kh slices beat one of kh * kw (LeNet's first
+  # convolution, forward and weight gradient: 5.3-5.9 -> 4.4 ms).
+  rows = jnp.concatenate([lhs[:, :, j:j + ow] for j in range(kw)], axis=-1)  # [b, h, ow, kw*ci]
+  windows = jnp.concatenate([rows[:, i:i + oh] for i in range(kh)], axis=-1)
   out = jnp.dot(windows.reshape(-1, kh * kw * ci), rhs.reshape(kh * kw * ci, co),
                 precision=precision)
   return out.reshape(b, oh, ow, co)
