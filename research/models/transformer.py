@@ -187,8 +187,9 @@ class Dense(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     # One row per token ([batch, length, ...] -> [tokens, ...]): with batch and length as two
     # axes, the kernel's gradient contracts both, and XLA's CPU backend fed that product
-    # through transposes of the whole activation gradient (2-3x the step time of
-    # shakespeare_char, BENCHMARKS.md). Batch is the major axis, so its sharding carries over.
+    # through transposes of the whole activation gradient (shakespeare_char's step on a 2-core
+    # CPU: 12.5 s, 8.0 s as tokens; BENCHMARKS.md). Batch is the major axis, so its sharding
+    # carries over.
     # On CPUs the kernel is flattened to a matrix as well (c_attn's [embed, 3, heads, dim] and
     # attn_proj's [heads, dim, embed]): its gradients with several contracting axes ran at half
     # the matmul speed there. Elsewhere it is not, so that a kernel split over heads (tensor
