@@ -13,8 +13,9 @@ where many threads allocate small blocks: LeNet's 9 ms step took 15 ms with it.
 
 It must run before any other thread exists (before numpy, JAX or absl are imported): arenas
 that worker threads already own are not changed. Entry points (`launch.py`, `research.benchmark`,
-`research.torch_reference`) call it first. It does nothing off glibc, or when an accelerator
-plugin for JAX is installed or JAX_PLATFORMS names one (device buffers are not host malloc).
+`research.torch_reference`) call it first. It does nothing off glibc, under another malloc
+(LD_PRELOAD), or when an accelerator plugin for JAX is installed or JAX_PLATFORMS names one
+(device buffers are not host malloc).
 The cost: the process keeps its peak host memory until it exits.
 """
 import ctypes
@@ -47,6 +48,8 @@ def keep_freed_memory() -> bool:
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return False
   if accelerator_expected():
+    return False
+  if 'malloc' in os.environ.get('LD_PRELOAD', ''):  # jemalloc, tcmalloc, mimalloc: not glibc's
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt

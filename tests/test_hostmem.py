@@ -35,9 +35,11 @@ print(tuned, *faults)
 """
 
 
-def _probe(**env):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(ROOT), **env}
-  env.pop('XLA_FLAGS', None)
+def _probe(**env_overrides):
+  env = {name: value for name, value in os.environ.items()  # no other malloc settings
+         if name not in ('XLA_FLAGS', 'GLIBC_TUNABLES', 'LD_PRELOAD')
+         and not name.startswith('MALLOC_')}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT), **env_overrides)
   out = subprocess.run([sys.executable, '-c', _PROBE], env=env, cwd=ROOT, check=True,
                        capture_output=True, text=True, timeout=120).stdout.split()
   return out[0] == 'True', [int(n) for n in out[1:]]

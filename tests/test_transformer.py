@@ -97,6 +97,32 @@ def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch):
   assert transformer.attention_for(q16, None) == 'xla'
 
 
+@pytest.mark.parametrize('features,names,in_dims,shape', [
+    ((3, 2, 4), ('embed', None, 'heads', 'kv'), 1, (2, 5, 8)),  # c_attn
+    (8, ('heads', 'kv', 'embed'), 2, (2, 5, 2, 4)),             # attn_proj
+    (8, ('embed', 'mlp'), 1, (3, 1, 8)),                        # one decoding step
+])
+def test_dense_same_on_every_backend(monkeypatch, features, names, in_dims, shape):
+  """Dense flattens its kernel to a matrix only on CPUs: the accelerator branch (tokens x the
+  kernel's own axes) gives the same outputs and gradients, and both match an einsum."""
+  dense = transformer.Dense(features, names, in_dims)
+  x = jax.random.normal(jax.random.key(0), shape)
+  params = jax.tree.map(lambda p: p + 0.1, nn.unbox(dense.init(jax.random.key(1), x)))
+  loss = lambda p, x: (dense.apply(p, x) ** 2).sum()
+  results = {}
+  for backend in ('cpu', 'gpu'):
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    results[backend] = (dense.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x))
+  kernel, bias = params['params']['kernel'], params['params']['bias']
+  letters = 'abcdefgh'[:x.ndim - in_dims], 'xy'[:in_dims], 'pqr'[:kernel.ndim - in_dims]
+  expected = jnp.einsum(f'{letters[0]}{letters[1]},{letters[1]}{letters[2]}->'
+                        f'{letters[0]}{letters[2]}', x, kernel) + bias
+  for backend, (out, grads) in results.items():
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=backend)
+  for a, b in zip(jax.tree.leaves(results['cpu']), jax.tree.leaves(results['gpu'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('time,chunk', [(16, 4), (13, 4), (5, 8)])  # ragged last block; one block
 def test_chunked_attention_matches_reference_and_its_gradient(time, chunk):
   rng = np.random.default_rng(time)
