@@ -122,7 +122,7 @@ def chunked_causal_attention(q, k, v, chunk: int = QUERY_CHUNK):
     # from iotas, so the compiled program holds no [chunk, end] constants.
     rows = jax.lax.broadcasted_iota(jnp.int32, (end - start, end), 0) + start
     cols = jax.lax.broadcasted_iota(jnp.int32, (end - start, end), 1)
-    s = s + jnp.where(cols <= rows, 0.0, -1e30).astype(jnp.float32)
+    s = s + jnp.where(cols <= rows, 0.0, -1e30)  # float32, like s
     p = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
     o = jnp.einsum('bnqk,bnkh->bnqh', p.astype(v.dtype), vt[:, :, :end])
     outs.append((o / p.sum(-1, keepdims=True)).astype(v.dtype))
