@@ -232,13 +232,18 @@ def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient(shape):
   np.testing.assert_allclose(ours, jax.vjp(flax_pool, x)[1](g)[0], atol=1e-6)
 
 
-@pytest.mark.parametrize('kernel,channels', [((5, 5), 3), ((3, 3), 1), ((3, 3), 32)])
-def test_patch_conv_matches_lax_convolution_and_its_gradients(kernel, channels):
-  """The last case has kh * kw * channels above the threshold: it must take lax's own path."""
+@pytest.mark.parametrize('kernel,channels,features,size', [
+    ((5, 5), 3, 6, 12),    # tiles of 4 output columns, built from each tile's span
+    ((3, 3), 1, 6, 12),    # tiles of 4 over 10 columns: padded to 12, sliced back
+    ((3, 3), 1, 32, 12),   # tile 1 (im2col), built from column shifts
+    ((3, 3), 2, 12, 13),   # tiles of 2 over 11 columns, from strided shifts, padded
+    ((3, 3), 32, 6, 12),   # kh * kw * channels above the threshold: lax's own convolution
+])
+def test_patch_conv_matches_lax_convolution_and_its_gradients(kernel, channels, features, size):
   from research.models import cnn
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 12, 12, channels)), jnp.float32)
-  conv = lambda impl: nn.Conv(6, kernel, padding='VALID', conv_general_dilated=impl)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 1, channels)), jnp.float32)
+  conv = lambda impl: nn.Conv(features, kernel, padding='VALID', conv_general_dilated=impl)
   params = conv(None).init(jax.random.key(0), x)
   ours = lambda p, x: conv(cnn.patch_conv).apply(p, x)
   lax_conv = lambda p, x: conv(None).apply(p, x)
@@ -247,9 +252,11 @@ def test_patch_conv_matches_lax_convolution_and_its_gradients(kernel, channels):
   got, want = jax.vjp(ours, params, x)[1](g), jax.vjp(lax_conv, params, x)[1](g)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  hlo = jax.jit(ours).lower(params, x).as_text()
   if kernel[0] * kernel[1] * channels <= cnn.PATCH_CONV_MAX_K:  # the matmul path was taken
-    hlo = jax.jit(ours).lower(params, x).as_text()
     assert 'convolution' not in hlo and 'dot_general' in hlo
+  else:
+    assert 'convolution' in hlo
 
 
 def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(monkeypatch):

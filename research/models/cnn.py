@@ -6,17 +6,27 @@ from flax import linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
-PATCH_CONV_MAX_K = 150  # CPU: convolutions with kh * kw * in_channels up to this run as a matmul
+PATCH_CONV_MAX_K = 150  # CPU: convolutions with kh * kw * in_channels up to this run as matmuls
+PATCH_CONV_MIN_N = 24  # ... with at least this many output columns per tile (tile_width * out)
 
 
 def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                dimension_numbers=None, feature_group_count=1, precision=None):
   """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: on CPUs a stride-1,
-  'VALID', undilated NHWC convolution with few input channels (LeNet's and the MNIST CNN's
-  first layers) runs as one matmul over its kh * kw shifted input windows, which XLA's CPU
-  backend does 2x faster (forward and weight gradient) than its convolution for such shapes
-  (BENCHMARKS.md). Everything else goes to `lax.conv_general_dilated` unchanged.
+  'VALID', undilated NHWC convolution with kh * kw * in_channels <= PATCH_CONV_MAX_K (LeNet's
+  two and the MNIST CNN's first) runs as one matmul, which XLA's CPU backend does 1.6-7x faster
+  (forward and gradients, measured alone) than its convolution for those shapes. (The MNIST
+  CNN's second, 288, was faster alone too but made the whole step slower: BENCHMARKS.md.)
+  Everything else goes to `lax.conv_general_dilated` unchanged.
+
+  The matmul computes `tile` adjacent output columns per row: its inputs are the kh rows of
+  the tile + kw - 1 input columns under them, against a banded (Toeplitz) matrix built from the
+  kernel, [kh * (tile + kw - 1) * in, tile * out]. tile = 1 is the classic im2col matmul; with
+  few output channels (LeNet's 6) its [K, 6] right-hand side wastes most of each matrix tile,
+  and tile = 4 ((tile + kw - 1) / kw = 1.6x the FLOPs) ran LeNet's first convolution 2.6x
+  faster. The tile is the smallest with tile * out >= PATCH_CONV_MIN_N.
   """
   kh, kw, ci, co = rhs.shape
   simple = (jax.default_backend() == 'cpu' and lhs.ndim == 4 and padding == 'VALID'
@@ -32,14 +42,31 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
         precision=precision)
   b, h, w, _ = lhs.shape
   oh, ow = h - kh + 1, w - kw + 1
-  # The kw horizontal shifts side by side, then kh vertical shifts of those: features ordered
-  # (i, j, channel) like rhs. Two passes of kw and kh slices beat one of kh * kw (LeNet's first
-  # convolution, forward and weight gradient: 5.3-5.9 -> 4.4 ms).
-  rows = jnp.concatenate([lhs[:, :, j:j + ow] for j in range(kw)], axis=-1)  # [b, h, ow, kw*ci]
-  windows = jnp.concatenate([rows[:, i:i + oh] for i in range(kh)], axis=-1)
-  out = jnp.dot(windows.reshape(-1, kh * kw * ci), rhs.reshape(kh * kw * ci, co),
+  tile = min(-(-PATCH_CONV_MIN_N // co), ow)
+  tiles = -(-ow // tile)
+  if tiles * tile > ow:  # zero columns on the right; their outputs are sliced off below
+    lhs = jnp.pad(lhs, ((0, 0), (0, 0), (0, tiles * tile - ow), (0, 0)))
+  span = tile + kw - 1  # input columns under one tile
+  # band[i, a, c, t, o] = rhs[i, a - t, c, o] where 0 <= a - t < kw (a: input column of the
+  # tile, t: output column), as a product with a constant 0/1 tensor so that its gradient
+  # flows back to rhs.
+  shifts = np.arange(span)[None, :, None] - np.arange(tile)[None, None, :]
+  select = (shifts == np.arange(kw)[:, None, None]).astype(np.float32)  # [kw, span, tile]
+  band = jnp.einsum('jat,ijco->iacto', select.astype(rhs.dtype), rhs, precision=precision)
+  # Inputs: each tile's span of columns ([b, h, tiles, span * ci], built from whichever is
+  # fewer: the tiles' spans or the span's strided column shifts), then kh vertical shifts of
+  # those side by side, features ordered (i, a, c) like band. Two passes beat one of kh * kw
+  # shifts.
+  if tiles <= span:
+    cols = jnp.concatenate(
+        [lhs[:, :, t * tile:t * tile + span].reshape(b, h, 1, span * ci) for t in range(tiles)],
+        axis=2)
+  else:
+    cols = jnp.concatenate([lhs[:, :, a:a + tiles * tile:tile] for a in range(span)], axis=-1)
+  rows = jnp.concatenate([cols[:, i:i + oh] for i in range(kh)], axis=-1)
+  out = jnp.dot(rows.reshape(-1, kh * span * ci), band.reshape(kh * span * ci, tile * co),
                 precision=precision)
-  return out.reshape(b, oh, ow, co)
+  return out.reshape(b, oh, tiles * tile, co)[:, :, :ow]
 
 
 def max_pool_2x2(x):
