@@ -7,7 +7,7 @@
 """
 # First, before any import starts a thread: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
-hostmem.keep_freed_memory()
+hostmem.configure(entry_point=__name__ == '__main__')
 import json
 import os
 import sys
