@@ -5,9 +5,9 @@
   python launch.py --workdir=runs/mine --mode=eval         # the config saved in the workdir
   python launch.py --workdir=runs/gpt --mode=sample --prompt="def " --max_new_tokens=200
 """
-# First, before any import starts a thread: see research/hostmem.py.
+# First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
-hostmem.configure(entry_point=__name__ == '__main__')
+hostmem.keep_freed_memory()
 import json
 import os
 import sys

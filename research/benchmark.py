@@ -10,9 +10,9 @@ mfu, peak_memory_bytes, params, batch_size, seq_len, device_kind, device_count, 
 --compile_only compiles the step ahead of time for the configured devices and prints its
 compile time, memory (per device) and XLA's FLOPs per step instead, before a long run.
 """
-# First, before any import starts a thread: see research/hostmem.py.
+# First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
-hostmem.configure(entry_point=__name__ == '__main__')
+hostmem.keep_freed_memory()
 import json
 import statistics
 import tempfile

@@ -1,39 +1,35 @@
-"""Host memory for CPU training: transparent huge pages by default, optionally never freeing.
+"""Host memory for CPU training: each step reuses the previous step's memory.
 
 On a CPU backend XLA allocates each step's temporary buffer (328 MB for the nano GPT, GBs for
-shakespeare_char) with malloc on one of its worker threads and frees it at the end of the step.
-glibc serves an allocation that large on a worker thread with a fresh mmap and gives it back
-with munmap, so every step page-faults its whole working set in again, the kernel zeroing every
-page: for `experiments/gpt_small.py:nano` 85k page faults and ~140 ms of system time per 290 ms
-step (BENCHMARKS.md). Two remedies, both set up by `configure()`:
+shakespeare_char) with malloc and frees it at the end of the step. glibc serves an allocation
+that large with a fresh mmap and gives it back with munmap, so every step page-faults its whole
+working set in again, the kernel zeroing every page: for `experiments/gpt_small.py:nano` 85k
+page faults and ~140 ms of system time per 290 ms step (BENCHMARKS.md).
 
-- Huge pages (default): glibc's `glibc.malloc.hugetlb=1` tunable asks the kernel for 2 MB
-  transparent huge pages for malloc's mmaps, 512x fewer faults. Tunables are read only when a
-  process starts, so an entry point run as a script re-executes itself once with
-  GLIBC_TUNABLES set (before anything else is imported). The GPTs' steps are 1.2x faster on
-  the 2-core CPU; the image models' unchanged. RESEARCH_HUGE_PAGES=0 turns it off.
-- Keeping freed memory (opt-in, RESEARCH_KEEP_FREED_MEMORY=1): `keep_freed_memory()` makes
-  glibc serve every thread from its main heap, never mmap, and never trim that heap, so each
-  step reuses the previous step's pages (0 faults). It is off by default because one heap for
-  all threads is slower where many threads allocate small blocks: LeNet's 9 ms step took 15 ms
-  with it. The cost: the process keeps its peak host memory until it exits.
+`keep_freed_memory()`, which the entry points (`launch.py`, `research.benchmark`,
+`research.torch_reference`) call first, makes glibc's main heap never mmap and never shrink
+(mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1) and JAX run single-device CPU computations on the
+calling thread (`jax_cpu_enable_async_dispatch=False`; computations over several devices stay
+asynchronous), so XLA's buffers come from the main heap and a freed step's pages serve the
+next step. Worker threads keep their own heaps (a block beyond their 64 MB is still mmapped).
+2-core CPU: nano's step 1.3x faster, shakespeare_char's 1.35x, the image models' unchanged.
+(Making the main heap every thread's, M_ARENA_MAX=1, with dispatch left asynchronous, did as
+well for shakespeare_char but less for nano, and slowed LeNet's 9 ms step to 15 ms: its threads
+contend for the one heap.) The cost: the process keeps its peak host memory until it exits.
+RESEARCH_KEEP_FREED_MEMORY=0 in the environment leaves glibc's and JAX's defaults.
 
-Both must happen before any other thread exists (before numpy, JAX or absl are imported):
-arenas that worker threads already own are not changed. Entry points (`launch.py`,
-`research.benchmark`) call `configure` first. Neither does anything off glibc, under another
-malloc (LD_PRELOAD), or when an accelerator plugin for JAX is installed or JAX_PLATFORMS names
-one (device buffers are not host malloc).
+Nothing is changed off glibc, under another malloc (LD_PRELOAD), or when an accelerator plugin
+for JAX is installed or JAX_PLATFORMS names one (device buffers are not host malloc). It runs
+before anything else so that JAX's CPU client is created with the dispatch setting.
 """
 import ctypes
 import importlib.util
 import os
 import platform
-import sys
 
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-M_ARENA_MAX = -8
 
 ACCELERATOR_PACKAGES = ('jax_plugins', 'libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin')
 
@@ -47,67 +43,29 @@ def accelerator_expected() -> bool:
   return any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PACKAGES)
 
 
-THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
-HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
-
-
-def configure(entry_point: bool) -> None:
-  """Sets up host memory for a CPU training process; `entry_point`: this module is running as
-  a script (`__name__ == '__main__'`), which may then be re-executed for huge pages."""
-  if entry_point:
-    use_huge_pages()
-  keep_freed_memory()
-
-
-def _glibc_malloc(min_version=(2, 0)) -> bool:
-  """glibc's malloc of at least `min_version` serves this process."""
-  if platform.system() != 'Linux':
+def keep_freed_memory(jax_on_main_thread: bool = True) -> bool:
+  """Unless RESEARCH_KEEP_FREED_MEMORY=0, tunes glibc's malloc (and JAX's CPU dispatch, unless
+  `jax_on_main_thread` is False) for a CPU training process; returns whether it did."""
+  setting = os.environ.get('RESEARCH_KEEP_FREED_MEMORY', '1')
+  if setting not in ('0', '1'):
+    raise ValueError(f'RESEARCH_KEEP_FREED_MEMORY={setting!r}: use 1 (the default) or 0 to '
+                     'leave host memory alone (research/hostmem.py).')
+  if setting == '0' or platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return False
-  libc, version = platform.libc_ver()
-  try:
-    at_least = tuple(int(n) for n in version.split('.')[:2]) >= min_version
-  except ValueError:
+  if accelerator_expected():
     return False
-  # jemalloc, tcmalloc, mimalloc under LD_PRELOAD: not glibc's.
-  return libc == 'glibc' and at_least and 'malloc' not in os.environ.get('LD_PRELOAD', '')
-
-
-def use_huge_pages() -> bool:
-  """Re-executes this process (same interpreter, same arguments) with glibc's malloc using
-  transparent huge pages, unless it already does, RESEARCH_HUGE_PAGES=0, JAX may run on an
-  accelerator, or the kernel's THP setting is 'never' (nothing to ask for) or 'always' (glibc
-  gets them without asking). Returns False where it does not re-execute."""
-  if os.environ.get('RESEARCH_HUGE_PAGES', '1') == '0':
-    return False
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if 'glibc.malloc.hugetlb' in tunables or not _glibc_malloc((2, 35)) or accelerator_expected():
-    return False
-  try:
-    with open(THP_ENABLED, encoding='ascii') as f:
-      if '[madvise]' not in f.read():
-        return False
-  except OSError:
-    return False
-  os.environ['GLIBC_TUNABLES'] = ':'.join(filter(None, (tunables, HUGE_PAGES_TUNABLE)))
-  try:
-    os.execv(sys.executable, sys.orig_argv)
-  except OSError:  # carry on without: only slower
-    return False
-  return True  # not reached: execv replaced the process
-
-
-def keep_freed_memory() -> bool:
-  """With RESEARCH_KEEP_FREED_MEMORY=1, tunes glibc's malloc for a CPU training process;
-  returns whether it did."""
-  if os.environ.get('RESEARCH_KEEP_FREED_MEMORY', '0') != '1':
-    return False
-  if not _glibc_malloc() or accelerator_expected():
+  if 'malloc' in os.environ.get('LD_PRELOAD', ''):  # jemalloc, tcmalloc, mimalloc: not glibc's
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):
     return False
-  # One arena for all threads (the main heap), no mmap for large blocks, no trimming (-1 turns
-  # it off): freed blocks stay in the heap for the next step.
-  return all(mallopt(param, value) == 1 for param, value in
-             ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+  # No mmap for large blocks, no trimming (-1 turns it off): freed blocks stay in the heap for
+  # the next step.
+  if not all(mallopt(param, value) == 1 for param, value in
+             ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))):
+    return False
+  if jax_on_main_thread:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_cpu_enable_async_dispatch', False)
+  return True

@@ -8,16 +8,14 @@ optimizer (AdamW / Adam) and gradient accumulation on random data of the same sh
 one JSON line in the format of `research.benchmark`. On CPU it runs float32 in eager mode. On a
 GPU (`--device=cuda`) it runs as nanoGPT does there: parameters float32, activations under
 bfloat16 autocast when the config's model.dtype is bfloat16, fused AdamW, flash attention
-through `scaled_dot_product_attention`, and `--compile` for `torch.compile`. PyTorch runs
-under glibc malloc's defaults, as its users run it: not under the huge pages that
-`research.benchmark` asks for (research/hostmem.py), which made its shakespeare_char step
-slower (5.1 -> 6.9 s on the 2-core CPU); RESEARCH_KEEP_FREED_MEMORY=1 applies to both. Only
-for measuring; torch is a test dependency (requirements-test.txt), not a dependency of the
-library.
+through `scaled_dot_product_attention`, and `--compile` for `torch.compile`. Host memory is
+tuned as for `research.benchmark` (research/hostmem.py), so both run under the same malloc
+settings. Only for measuring; torch is a test dependency (requirements-test.txt), not a
+dependency of the library.
 """
-# First, before any import starts a thread: see research/hostmem.py.
+# First, as in research.benchmark: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
-hostmem.keep_freed_memory()
+hostmem.keep_freed_memory(jax_on_main_thread=False)
 import json
 import math
 import statistics
