@@ -80,25 +80,37 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
                      'damaged folders out of the checkpoints/ folder to start again.')
 
 
-def restore_on(mngr: ocp.CheckpointManager, step: int, devices=None):
-  """Checkpoint `step` (a nested dict) with every array whole on each of `devices`.
+def restore_params(directory: str, devices=None, hint: str = ''):
+  """The parameters of the newest checkpoint in `directory`, every array whole on each of
+  `devices`: one device (default: this process's first), or replicated over several.
 
-  Without a target Orbax would restore the shardings the checkpoint was saved with, which fail
-  when the devices differ (a run trained on 8 devices, read on a machine with 1). The target
-  here is the saved shapes and dtypes with a sharding on the current devices: one device
-  (default: this process's first), or replicated over several.
+  Only the parameters are read, not the optimizer state (twice their size under Adam). Without
+  a target Orbax would restore the shardings the checkpoint was saved with, which fail when the
+  devices differ (a run trained on 8 devices, read on a machine with 1); the target here is
+  the saved shapes and dtypes with a sharding on the current devices. `hint` ends the errors
+  (e.g. ': train first').
   """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{directory} does not exist{hint}.')
   devices = list(devices or jax.local_devices()[:1])
   if len(devices) == 1:
     sharding = jax.sharding.SingleDeviceSharding(devices[0])
   else:
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ('replica',)),
                                           jax.sharding.PartitionSpec())
-  metadata = mngr.item_metadata(step)
-  metadata = getattr(metadata, 'tree', metadata)
-  abstract = lambda m: (jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
-                        if hasattr(m, 'shape') and hasattr(m, 'dtype') else m)
-  return mngr.restore(step, args=ocp.args.StandardRestore(jax.tree.map(abstract, metadata)))
+  with ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler()) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {directory}{hint}.')
+    metadata = mngr.item_metadata(step)
+    metadata = getattr(metadata, 'tree', metadata)
+    target = {'params': jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        metadata['params'], is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))}
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  return restored['params']
 
 
 def load_params(workdir: str):
@@ -107,14 +119,8 @@ def load_params(workdir: str):
   They are replicated over every device of this run (whatever devices the other run used);
   the caller lays them out as it needs.
   """
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'config.init_from={workdir!r}: {directory} does not exist.')
-  with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'config.init_from={workdir!r}: no checkpoint in {directory}.')
-    return restore_on(mngr, step, jax.devices())['params']
+  return restore_params(os.path.abspath(os.path.join(workdir, 'checkpoints')), jax.devices(),
+                        hint=f' (config.init_from={workdir!r})')
 
 
 def check_workdir(workdir: str, state_bytes: int, keep: int):

@@ -139,7 +139,6 @@ def load_trained(workdir: str):
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from research import checkpoint  # pylint: disable=g-import-not-at-top
   from research import models  # pylint: disable=g-import-not-at-top
   from research.data import tokenizers  # pylint: disable=g-import-not-at-top
@@ -151,12 +150,8 @@ def load_trained(workdir: str):
   if not os.path.isdir(os.path.join(workdir, 'tokenizer')):
     raise FileNotFoundError(f'{workdir} has no tokenizer/: it is not a language-model run.')
   tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer'))
-  with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                             item_handlers=ocp.StandardCheckpointHandler()) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first.')
-    # On this process's first device, whatever devices and layout the run was trained with.
-    state = checkpoint.restore_on(mngr, step)
+  # On this process's first device, whatever devices and layout the run was trained with.
+  params = checkpoint.restore_params(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+                                     hint=': train first')
   model = models.build_model(config.model)
-  return model, state['params'], tokenizer, config
+  return model, params, tokenizer, config

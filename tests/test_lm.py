@@ -1,9 +1,11 @@
 """Language modelling end to end: GPT experiments through the real trainer and launch.py."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import gpt_small
 from experiments import shakespeare_char
@@ -68,6 +70,12 @@ def test_launch_gpt_small_cpu_trains_resumes_evaluates_and_samples(tmp_path):
   config.sample.temperature = 0.0
   text = sample.sample_text(model, params, tokenizer, config.sample, jax.random.key(1))
   assert sampled.stdout == 'import ' + text + '\n'
+  # A run without checkpoints says so (only its parameters are ever read: research/checkpoint.py).
+  untrained = os.path.join(str(tmp_path), 'untrained')
+  shutil.copytree(workdir, untrained, ignore=shutil.ignore_patterns('checkpoints'))
+  os.makedirs(os.path.join(untrained, 'checkpoints'))
+  with pytest.raises(FileNotFoundError, match=r'No checkpoint in .*untrained/checkpoints: train'):
+    sample.load_trained(untrained)
 
 
 def test_launch_explains_an_unprepared_tfds_text_dataset(tmp_path):

@@ -129,6 +129,27 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, warm, trained)
 
 
+def test_init_from_reads_only_the_parameters_and_names_a_missing_run(tmp_path, monkeypatch):
+  _, source = small_run(tmp_path)
+  _, trained = final_params(cpu_config('linear_regression'), source)
+  targets = []
+  restore = checkpoint.ocp.CheckpointManager.restore
+  def spy(self, step, args=None, **kwargs):
+    targets.append(args.item)
+    return restore(self, step, args=args, **kwargs)
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'restore', spy)
+  params = checkpoint.load_params(source)
+  jax.tree.map(np.testing.assert_array_equal, params, trained)
+  # Only the parameters are read, not the optimizer state.
+  assert [list(t) for t in targets] == [['params']]
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
+  with pytest.raises(FileNotFoundError, match=r'does not exist \(config.init_from='):
+    checkpoint.load_params(str(tmp_path / 'nowhere'))
+  os.makedirs(tmp_path / 'empty' / 'checkpoints')
+  with pytest.raises(FileNotFoundError, match=r'No checkpoint in .* \(config.init_from='):
+    checkpoint.load_params(str(tmp_path / 'empty'))
+
+
 def test_nonfinite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
   config = cpu_config('linear_regression', total_steps=200, checkpoint_every_steps=10,
                       log_every_steps=20, eval_every_steps=200)
