@@ -237,7 +237,8 @@ def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient(shape):
     ((3, 3), 1, 6, 12),    # tiles of 4 over 10 columns: padded to 12, sliced back
     ((3, 3), 1, 32, 12),   # tile 1 (im2col), built from column shifts
     ((3, 3), 2, 12, 13),   # tiles of 2 over 11 columns, from strided shifts, padded
-    ((3, 3), 32, 6, 12),   # kh * kw * channels above the threshold: lax's own convolution
+    ((3, 3), 32, 6, 12),   # tile 4 over 288 input features
+    ((3, 3), 72, 6, 12),   # kh * kw * channels above the threshold: lax's own convolution
 ])
 def test_patch_conv_matches_lax_convolution_and_its_gradients(kernel, channels, features, size):
   from research.models import cnn

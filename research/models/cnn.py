@@ -8,18 +8,18 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-PATCH_CONV_MAX_K = 150  # CPU: convolutions with kh * kw * in_channels up to this run as matmuls
+PATCH_CONV_MAX_K = 600  # CPU: convolutions with kh * kw * in_channels up to this run as matmuls
 PATCH_CONV_MIN_N = 24  # ... with at least this many output columns per tile (tile_width * out)
 
 
 def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                dimension_numbers=None, feature_group_count=1, precision=None):
   """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: on CPUs a stride-1,
-  'VALID', undilated NHWC convolution with kh * kw * in_channels <= PATCH_CONV_MAX_K (LeNet's
-  two and the MNIST CNN's first) runs as one matmul, which XLA's CPU backend does 1.6-7x faster
-  (forward and gradients, measured alone) than its convolution for those shapes. (The MNIST
-  CNN's second, 288, was faster alone too but made the whole step slower: BENCHMARKS.md.)
-  Everything else goes to `lax.conv_general_dilated` unchanged.
+  'VALID', undilated NHWC convolution with kh * kw * in_channels <= PATCH_CONV_MAX_K (all of
+  LeNet's and the MNIST CNN's) runs as one matmul, which XLA's CPU backend does 1.6-7x faster
+  (forward and gradients, measured alone) than its convolution for those shapes; the MNIST
+  CNN's step 18-20 -> 12.3-12.6 ms (BENCHMARKS.md). Everything else goes to
+  `lax.conv_general_dilated` unchanged.
 
   The matmul computes `tile` adjacent output columns per row: its inputs are the kh rows of
   the tile + kw - 1 input columns under them, against a banded (Toeplitz) matrix built from the
