@@ -16,9 +16,9 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
                dimension_numbers=None, feature_group_count=1, precision=None):
   """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`: on CPUs a stride-1,
   'VALID', undilated NHWC convolution with kh * kw * in_channels <= PATCH_CONV_MAX_K (all of
-  LeNet's and the MNIST CNN's) runs as one matmul, which XLA's CPU backend does 1.6-7x faster
-  (forward and gradients, measured alone) than its convolution for those shapes; the MNIST
-  CNN's step 18-20 -> 12.3-12.6 ms (BENCHMARKS.md). Everything else goes to
+  LeNet's and the MNIST CNN's) runs as one matmul, which XLA's CPU backend runs faster than its
+  convolution for those shapes (the first two of each, forward and gradients alone: 1.6-7x;
+  the MNIST CNN's whole step 17-20 -> 12.3-12.6 ms; BENCHMARKS.md). Everything else goes to
   `lax.conv_general_dilated` unchanged.
 
   The matmul computes `tile` adjacent output columns per row: its inputs are the kh rows of
