@@ -104,9 +104,10 @@ def restore_params(directory: str, devices=None, hint: str = ''):
       raise FileNotFoundError(f'No checkpoint in {directory}{hint}.')
     metadata = mngr.item_metadata(step)
     metadata = getattr(metadata, 'tree', metadata)
+    is_array = lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype')
     target = {'params': jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-        metadata['params'], is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))}
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if is_array(m) else m,
+        metadata['params'], is_leaf=is_array)}
     restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))

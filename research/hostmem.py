@@ -26,6 +26,7 @@ import ctypes
 import importlib.util
 import os
 import platform
+import warnings
 
 # mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -67,5 +68,11 @@ def keep_freed_memory(jax_on_main_thread: bool = True) -> bool:
     return False
   if jax_on_main_thread:
     import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update('jax_cpu_enable_async_dispatch', False)
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if xla_bridge.backends_are_initialized():  # JAX read the setting already: too late
+      warnings.warn('research.hostmem.keep_freed_memory() was called after JAX created its '
+                    'backends, so CPU dispatch stays asynchronous and step buffers are not '
+                    'reused; call it before anything uses JAX.', stacklevel=2)
+    else:
+      jax.config.update('jax_cpu_enable_async_dispatch', False)
   return True

@@ -133,3 +133,22 @@ def test_entry_points_tune_before_any_other_import(entry, call):
   assert isinstance(first, ast.ImportFrom) and first.module == 'research', ast.dump(first)
   assert [a.name for a in first.names] == ['hostmem']
   assert ast.unparse(second) == call
+
+
+@pytest.mark.skipif(not GLIBC, reason='the tuning is for glibc malloc')
+def test_called_after_jax_started_it_warns_and_leaves_dispatch_alone():
+  code = """
+import warnings
+import jax.numpy as jnp
+jnp.ones(3)  # JAX's CPU backend exists from here on
+from research import hostmem
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  tuned = hostmem.keep_freed_memory()
+import jax
+print(tuned, jax.config.values['jax_cpu_enable_async_dispatch'], len(caught))
+print(caught[0].message)
+"""
+  tuned, asynchronous, warned, *message = _run(code)
+  assert (tuned, asynchronous, warned) == ('True', 'True', '1')
+  assert 'call it before anything uses JAX' in ' '.join(message)

@@ -234,9 +234,10 @@ def test_max_pool_2x2_matches_flax_max_pool_and_its_gradient(shape):
 
 @pytest.mark.parametrize('kernel,channels,features,size', [
     ((5, 5), 3, 6, 12),    # tiles of 4 output columns, built from each tile's span
-    ((3, 3), 1, 6, 12),    # tiles of 4 over 10 columns: padded to 12, sliced back
+    ((3, 3), 1, 6, 12),    # tiles of 4 over 11 columns: padded to 12, sliced back
     ((3, 3), 1, 32, 12),   # tile 1 (im2col), built from column shifts
-    ((3, 3), 2, 12, 13),   # tiles of 2 over 11 columns, from strided shifts, padded
+    ((3, 3), 2, 12, 12),   # tiles of 2 over 11 columns, from strided shifts, padded
+    ((5, 5), 3, 6, 4),     # a kernel larger than the input: lax's (empty) result
     ((3, 3), 32, 6, 12),   # tile 4 over 288 input features
     ((3, 3), 72, 6, 12),   # kh * kw * channels above the threshold: lax's own convolution
 ])
@@ -254,7 +255,7 @@ def test_patch_conv_matches_lax_convolution_and_its_gradients(kernel, channels, 
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   hlo = jax.jit(ours).lower(params, x).as_text()
-  if kernel[0] * kernel[1] * channels <= cnn.PATCH_CONV_MAX_K:  # the matmul path was taken
+  if kernel[0] * kernel[1] * channels <= cnn.PATCH_CONV_MAX_K and size >= kernel[0]:
     assert 'convolution' not in hlo and 'dot_general' in hlo
   else:
     assert 'convolution' in hlo

@@ -26,7 +26,8 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
   kernel, [kh * (tile + kw - 1) * in, tile * out]. tile = 1 is the classic im2col matmul; with
   few output channels (LeNet's 6) its [K, 6] right-hand side wastes most of each matrix tile,
   and tile = 4 ((tile + kw - 1) / kw = 1.6x the FLOPs) ran LeNet's first convolution 2.6x
-  faster. The tile is the smallest with tile * out >= PATCH_CONV_MIN_N.
+  faster. The tile is the smallest with tile * out >= PATCH_CONV_MIN_N, but at most kw + 1
+  (twice im2col's FLOPs) and the output width.
   """
   kh, kw, ci, co = rhs.shape
   simple = (jax.default_backend() == 'cpu' and lhs.ndim == 4 and padding == 'VALID'
@@ -34,7 +35,8 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
             and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
             and dimension_numbers == lax.conv_dimension_numbers(
                 lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
-            and kh * kw * ci <= PATCH_CONV_MAX_K)
+            and kh * kw * ci <= PATCH_CONV_MAX_K
+            and lhs.shape[1] >= kh and lhs.shape[2] >= kw)  # else lax's (empty) result
   if not simple:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -42,7 +44,7 @@ def patch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
         precision=precision)
   b, h, w, _ = lhs.shape
   oh, ow = h - kh + 1, w - kw + 1
-  tile = min(-(-PATCH_CONV_MIN_N // co), ow)
+  tile = min(-(-PATCH_CONV_MIN_N // co), kw + 1, ow)  # at most 2x im2col's FLOPs
   tiles = -(-ow // tile)
   if tiles * tile > ow:  # zero columns on the right; their outputs are sliced off below
     lhs = jnp.pad(lhs, ((0, 0), (0, 0), (0, tiles * tile - ow), (0, 0)))
