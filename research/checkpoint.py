@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 def manager(workdir: str, keep: int, save_every: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+  return ocp.CheckpointManager(checkpoints_dir(workdir),
                                options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
@@ -80,9 +80,13 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
                      'damaged folders out of the checkpoints/ folder to start again.')
 
 
-def restore_params(directory: str, devices=None, hint: str = ''):
-  """The parameters of the newest checkpoint in `directory`, every array whole on each of
-  `devices`: one device (default: this process's first), or replicated over several.
+def checkpoints_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, 'checkpoints'))
+
+
+def restore_params(workdir: str, devices=None, hint: str = ''):
+  """The parameters of the newest checkpoint of the run in `workdir`, every array whole on
+  each of `devices`: one device (default: this process's first), or replicated over several.
 
   Only the parameters are read, not the optimizer state (twice their size under Adam). Without
   a target Orbax would restore the shardings the checkpoint was saved with, which fail when the
@@ -90,6 +94,7 @@ def restore_params(directory: str, devices=None, hint: str = ''):
   the saved shapes and dtypes with a sharding on the current devices. `hint` ends the errors
   (e.g. ': train first').
   """
+  directory = checkpoints_dir(workdir)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{directory} does not exist{hint}.')
   devices = list(devices or jax.local_devices()[:1])
@@ -120,8 +125,7 @@ def load_params(workdir: str):
   They are replicated over every device of this run (whatever devices the other run used);
   the caller lays them out as it needs.
   """
-  return restore_params(os.path.abspath(os.path.join(workdir, 'checkpoints')), jax.devices(),
-                        hint=f' (config.init_from={workdir!r})')
+  return restore_params(workdir, jax.devices(), hint=f' (config.init_from={workdir!r})')
 
 
 def check_workdir(workdir: str, state_bytes: int, keep: int):

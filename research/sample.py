@@ -151,7 +151,6 @@ def load_trained(workdir: str):
     raise FileNotFoundError(f'{workdir} has no tokenizer/: it is not a language-model run.')
   tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer'))
   # On this process's first device, whatever devices and layout the run was trained with.
-  params = checkpoint.restore_params(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                                     hint=': train first')
+  params = checkpoint.restore_params(workdir, hint=': train first')
   model = models.build_model(config.model)
   return model, params, tokenizer, config

@@ -70,7 +70,7 @@ def test_launch_gpt_small_cpu_trains_resumes_evaluates_and_samples(tmp_path):
   config.sample.temperature = 0.0
   text = sample.sample_text(model, params, tokenizer, config.sample, jax.random.key(1))
   assert sampled.stdout == 'import ' + text + '\n'
-  # A run without checkpoints says so (only its parameters are ever read: research/checkpoint.py).
+  # A run without checkpoints says so.
   untrained = os.path.join(str(tmp_path), 'untrained')
   shutil.copytree(workdir, untrained, ignore=shutil.ignore_patterns('checkpoints'))
   os.makedirs(os.path.join(untrained, 'checkpoints'))
