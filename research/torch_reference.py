@@ -3,9 +3,10 @@
   python -m research.torch_reference --config=experiments/gpt_small.py:nano [--steps=N]
 
 Reads the experiment's config and builds the matching torch network (a nanoGPT-style GPT with
-the same layer sizes and tied head, or the MNIST CNN / LeNet-5), trains it with the same
-optimizer (AdamW / Adam) and gradient accumulation on random data of the same shape, and prints
-one JSON line in the format of `research.benchmark`. On CPU it runs float32 in eager mode. On a
+the same layer sizes, tied head and dropout placement, checked against ours in
+tests/test_torch_reference.py; or the MNIST CNN / LeNet-5), trains it with the same optimizer
+(AdamW / Adam) and gradient accumulation on random data of the same shape, and prints one JSON
+line in the format of `research.benchmark`. On CPU it runs float32 in eager mode. On a
 GPU (`--device=cuda`) it runs as nanoGPT does there: parameters float32, activations under
 bfloat16 autocast when the config's model.dtype is bfloat16, fused AdamW, flash attention
 through `scaled_dot_product_attention`, and `--compile` for `torch.compile`. Host memory is
@@ -41,9 +42,10 @@ FLAGS = flags.FLAGS
 
 
 class Block(nn.Module):
-  def __init__(self, width, heads, bias):
+  def __init__(self, width, heads, bias, dropout):
     super().__init__()
     self.heads = heads
+    self.drop = nn.Dropout(dropout)  # on each residual branch, as research/models/transformer.py
     self.ln_1, self.ln_2 = nn.LayerNorm(width, bias=bias), nn.LayerNorm(width, bias=bias)
     self.c_attn, self.attn_proj = nn.Linear(width, 3 * width, bias), nn.Linear(width, width, bias)
     self.c_fc, self.mlp_proj = nn.Linear(width, 4 * width, bias), nn.Linear(4 * width, width, bias)
@@ -53,19 +55,20 @@ class Block(nn.Module):
     q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
     q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c))
-    return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate='tanh'))
+    x = x + self.drop(self.attn_proj(y.transpose(1, 2).contiguous().view(b, t, c)))
+    return x + self.drop(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate='tanh')))
 
 
 class GPT(nn.Module):
-  def __init__(self, vocab, block_size, n_layer, n_head, n_embd, bias):
+  def __init__(self, vocab, block_size, n_layer, n_head, n_embd, bias, dropout):
     super().__init__()
     self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block_size, n_embd)
-    self.h = nn.ModuleList(Block(n_embd, n_head, bias) for _ in range(n_layer))
+    self.drop = nn.Dropout(dropout)  # on the embeddings
+    self.h = nn.ModuleList(Block(n_embd, n_head, bias, dropout) for _ in range(n_layer))
     self.ln_f = nn.LayerNorm(n_embd, bias=bias)
 
   def forward(self, idx):
-    x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+    x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device)))
     for block in self.h:
       x = block(x)
     return self.ln_f(x) @ self.wte.weight.T  # tied head
@@ -89,7 +92,8 @@ def build(config):
   device = torch.device(FLAGS.device)
   fused = device.type == 'cuda' or None
   if m.name == 'gpt':
-    model = GPT(FLAGS.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.use_bias)
+    model = GPT(FLAGS.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.use_bias,
+                m.get('dropout_rate', 0.0))
     t = config.data.seq_len
     x = torch.randint(0, FLAGS.vocab_size, (b, t))
     y = torch.randint(0, FLAGS.vocab_size, (b, t))
