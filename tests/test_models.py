@@ -268,3 +268,21 @@ def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert models.build_model(c).dtype == jnp.bfloat16
   assert models.build_model(c).param_dtype == jnp.float32
+
+
+def test_threefry_fused_on_cpu_same_bits():
+  """`models.fuse_threefry_on_cpu` (applied on import): no while loop left in a program that
+  draws dropout masks, and the hash gives the bits of JAX's own CPU lowering (its 5-iteration
+  loop, traced here directly) for random keys and counters."""
+  from jax._src.random import threefry2x32  # pylint: disable=g-import-not-at-top
+  assert models.fuse_threefry_on_cpu()
+  hlo = jax.jit(lambda key: jax.random.bernoulli(key, 0.8, (64, 384))).lower(
+      jax.random.key(0)).compile().as_text()
+  assert 'while' not in hlo
+  k1, k2, x1, x2 = (jax.random.bits(jax.random.key(i), (1000,), jnp.uint32) for i in range(4))
+  k1, k2 = k1[0], k2[0]
+  fused = jax.jit(threefry2x32.threefry_2x32)(jnp.stack([k1, k2]), jnp.concatenate([x1, x2]))
+  looped = jax.jit(lambda *a: threefry2x32._threefry2x32_lowering(*a, use_rolled_loops=True))(
+      k1, k2, x1, x2)
+  np.testing.assert_array_equal(fused, jnp.concatenate(looped))
+  assert len(np.unique(np.asarray(fused))) > 1900  # not a constant

@@ -2,6 +2,9 @@
 
 Every other key of `config.model` must be a field of that module's dataclass;
 a misspelt key is an error that names the valid ones.
+
+Importing this package also makes JAX's random bits fused on CPUs (`fuse_threefry_on_cpu`):
+dropout there cost 7% of a training step otherwise.
 """
 import dataclasses
 import difflib
@@ -22,6 +25,33 @@ MODELS = {
 }
 
 _NOT_FIELDS = ('parent', 'name')
+
+
+def fuse_threefry_on_cpu() -> bool:
+  """Lowers JAX's threefry2x32 hash (behind `jax.random` with its default keys, so behind
+  dropout) on CPUs as on GPUs and TPUs: unrolled, so that XLA fuses it into one loop over the
+  elements. Returns whether it did.
+
+  On CPUs JAX lowers it as a 5-iteration while loop (smaller programs to compile), which XLA
+  cannot fuse: every iteration writes the whole state, two uint32 arrays of the output's size,
+  to memory and reads it back. shakespeare_char's dropout masks ([64, 256, 384], 13 per step)
+  took 42 ms each that way and 8 ms unrolled, its step 5.8-6.0 s -> 5.4-5.55 s on a 2-core CPU
+  (BENCHMARKS.md). The bits are the same (the same hash; tests/test_models.py checks it); the
+  step compiles about 0.5 s slower. This uses JAX internals (`jax._src`): where they have
+  moved, JAX's own lowering stays and nothing else changes.
+  """
+  try:
+    from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+    from jax._src.random import threefry2x32  # pylint: disable=g-import-not-at-top
+    rule = threefry2x32._threefry2x32_lowering_rule  # pylint: disable=protected-access
+    primitive = threefry2x32.threefry2x32_p
+  except (ImportError, AttributeError):
+    return False
+  mlir.register_lowering(primitive, rule, platform='cpu')
+  return True
+
+
+fuse_threefry_on_cpu()
 
 
 def model_class(name: str) -> type[nn.Module]:
