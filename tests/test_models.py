@@ -275,10 +275,11 @@ def test_threefry_fused_on_cpu_same_bits():
   draws dropout masks, and the hash gives the bits of JAX's own CPU lowering (its 5-iteration
   loop, traced here directly) for random keys and counters."""
   from jax._src.random import threefry2x32  # pylint: disable=g-import-not-at-top
-  assert models.fuse_threefry_on_cpu()
+  # What the import registered, before calling it again here.
   hlo = jax.jit(lambda key: jax.random.bernoulli(key, 0.8, (64, 384))).lower(
       jax.random.key(0)).compile().as_text()
   assert 'while' not in hlo
+  assert models.fuse_threefry_on_cpu()
   k1, k2, x1, x2 = (jax.random.bits(jax.random.key(i), (1000,), jnp.uint32) for i in range(4))
   k1, k2 = k1[0], k2[0]
   fused = jax.jit(threefry2x32.threefry_2x32)(jnp.stack([k1, k2]), jnp.concatenate([x1, x2]))
@@ -286,3 +287,12 @@ def test_threefry_fused_on_cpu_same_bits():
       k1, k2, x1, x2)
   np.testing.assert_array_equal(fused, jnp.concatenate(looped))
   assert len(np.unique(np.asarray(fused))) > 1900  # not a constant
+
+
+def test_threefry_fusion_warns_where_jax_internals_moved(monkeypatch):
+  from jax._src.interpreters import mlir  # pylint: disable=g-import-not-at-top
+  def moved(*args, **kwargs):
+    raise TypeError('register_lowering() got an unexpected keyword argument')
+  monkeypatch.setattr(mlir, 'register_lowering', moved)
+  with pytest.warns(UserWarning, match="could not fuse JAX's threefry"):
+    assert not models.fuse_threefry_on_cpu()
