@@ -89,7 +89,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   rules = tuple(tuple(rule) for rule in config.parallel.rules)
   compiled = parallel.compile_steps(
       config.parallel.mode, mesh, lambda r: steps.init_state(model, tx, r, example), make_steps,
-      parallel.state_shardings(boxed, mesh, rules), rules)
+      parallel.state_shardings(boxed, mesh, rules), rules,
+      config.parallel.cpu_compiler_options)
   abstract = jax.eval_shape(compiled.init_state, init_rng)
   checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), config.keep_checkpoints)
   ckpt = checkpoint.manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
@@ -148,13 +149,20 @@ class _Clock:
   """Counts steps and seconds between metric writes, for examples/s and the ETA."""
 
   def __init__(self):
+    self.last = None  # seconds per step as of the last write
     self.restart()
 
   def restart(self):
     self.start, self.steps = time.time(), 0
 
-  def seconds_per_step(self, fallback_steps: int) -> float:
-    return (time.time() - self.start) / max(self.steps or fallback_steps, 1)
+  def seconds_per_step(self) -> float:
+    """Over the steps run since the last write. A write with no step run since the last one
+    (a window written at once for an eval or checkpoint right after the previous window was
+    written: steps are counted when they run, windows written a step later) repeats the last
+    figure instead of dividing ~0 seconds."""
+    if self.steps:
+      self.last = (time.time() - self.start) / self.steps
+    return self.last if self.last is not None else time.time() - self.start
 
 
 def _fetch_window(exp, step, window) -> dict:
@@ -175,7 +183,7 @@ def _write_train(exp, writer, step, window, clock):
   """Writes the mean of a window of metrics (fetched one step after they were made)."""
   values = _fetch_window(exp, step, window)
   values = {k: float(np.sum(v) if k == 'skipped' else np.nanmean(v)) for k, v in values.items()}
-  seconds_per_step = clock.seconds_per_step(len(window))
+  seconds_per_step = clock.seconds_per_step()
   values['learning_rate'] = float(exp.schedule(step - 1))
   values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
   if exp.flops_per_token:
@@ -273,7 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       done = step + 1
       if step == start:  # the one sync outside logging: report the compilation time
         jax.block_until_ready(metrics)
-        writer.log(f'first step (compilation included) took {time.time() - clock.start:.1f}s')
+        clock.last = time.time() - clock.start  # what a window written before the next step shows
+        writer.log(f'first step (compilation included) took {clock.last:.1f}s')
         clock.restart()
       else:
         clock.steps += 1

@@ -226,3 +226,22 @@ def test_launch_explains_a_dataset_it_cannot_download(tmp_path):
   assert "DataError: TFDS dataset 'cifar10' is not prepared" in result.stderr
   assert 'tfds build cifar10' in result.stderr and str(tmp_path / 'tfds') in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_throughput_of_a_window_written_with_no_step_since_the_last(monkeypatch):
+  """Windows are written one step late, but one ending at an eval or checkpoint at once: right
+  after the previous window's write no step has run since. It repeats the last figure instead
+  of dividing ~0 s (which logged 25M tokens/s for the last step of a run logging every step)."""
+  now = [100.0]
+  monkeypatch.setattr(train.time, 'time', lambda: now[0])
+  clock = train._Clock()  # pylint: disable=protected-access
+  now[0] += 30.0  # the first step, compilation included
+  clock.last = now[0] - clock.start
+  clock.restart()
+  assert clock.seconds_per_step() == 30.0  # a 1-step run: that step
+  now[0] += 2.0
+  clock.steps += 4
+  assert clock.seconds_per_step() == 0.5
+  clock.restart()
+  now[0] += 0.001  # the final window, written at once
+  assert clock.seconds_per_step() == 0.5
