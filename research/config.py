@@ -120,6 +120,9 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
       ('heads', 'tensor'),
       ('mlp', 'tensor'),
       ('kv', None), ('length', None), ('layers', None))
+  # XLA options for compiling the steps on CPUs, 'name=value,...' (research/parallel.py), e.g.
+  # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE' (matmuls in Eigen).
+  c.parallel.cpu_compiler_options = ''
   c.lock()
   return c
 

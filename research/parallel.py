@@ -13,10 +13,15 @@ collectives. With mesh data=-1 (the default) this is plain data parallelism.
 `parallel.mode='pmap'` wraps the *same* step functions in `jax.pmap` (gradients averaged by
 `lax.pmean` inside the step), for pure data parallelism within one process only; it is tested
 to give the same numbers.
+
+On CPUs the jitted steps are compiled with `config.parallel.cpu_compiler_options` (see
+`compiler_options`); pmap mode ignores them.
 """
 import dataclasses
 import functools
 import math
+import os
+import warnings
 from typing import Any, Callable
 
 from flax import linen as nn
@@ -107,6 +112,24 @@ class Compiled:
   state_sharding: Any              # a NamedSharding per leaf of the (checkpointed) state
 
 
+def compiler_options(spec: str, mesh: Mesh) -> dict:
+  """`config.parallel.cpu_compiler_options` ('name=value,...') as XLA compile options for the
+  jitted steps when the mesh is all CPUs (nothing on accelerators), less any option that
+  XLA_FLAGS also sets: the environment wins. An XLA option that does not exist, or a bad value,
+  is an error when the step compiles that names it."""
+  options = {}
+  for item in filter(None, (part.strip() for part in spec.split(','))):
+    name, sep, value = item.partition('=')
+    if not sep or not name.strip():
+      raise ValueError(f'config.parallel.cpu_compiler_options={spec!r}: {item!r} is not '
+                       'name=value.')
+    options[name.strip()] = value.strip()
+  if any(device.platform != 'cpu' for device in mesh.devices.flat):
+    return {}
+  flags = os.environ.get('XLA_FLAGS', '')
+  return {name: value for name, value in options.items() if f'--{name}=' not in flags}
+
+
 def _in_context(fn, mesh, rules):
   """Traces `fn` with the mesh and logical axis rules set, for the models' constraints."""
   @functools.wraps(fn)
@@ -117,24 +140,29 @@ def _in_context(fn, mesh, rules):
 
 
 def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable,
-                  state_sharding, rules) -> Compiled:
+                  state_sharding, rules, cpu_compiler_options: str = '') -> Compiled:
   """`make_steps(axis_name)` returns (train_step, eval_step) built for that axis (or None)."""
   check_mode(mode)
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P(BATCH))
   if mode == 'jit':
     train_step, eval_step = (_in_context(f, mesh, rules) for f in make_steps(None))
+    options = compiler_options(cpu_compiler_options, mesh)
     return Compiled(
         init_state=jax.jit(_in_context(init_fn, mesh, rules), out_shardings=state_sharding),
         train_step=jax.jit(train_step, in_shardings=(state_sharding, data, replicated),
-                           out_shardings=(state_sharding, replicated), donate_argnums=0),
+                           out_shardings=(state_sharding, replicated), donate_argnums=0,
+                           compiler_options=options),
         eval_step=jax.jit(eval_step, in_shardings=(state_sharding, data),
-                          out_shardings=replicated),
+                          out_shardings=replicated, compiler_options=options),
         put_batch=lambda batch: jax.tree.map(
             functools.partial(jax.make_array_from_process_local_data, data), batch),
         put_state=lambda state: state, get_state=lambda state: state,
         get_metrics=lambda metrics: metrics, state_sharding=state_sharding)
   if mode == 'pmap':
+    if compiler_options(cpu_compiler_options, mesh):
+      warnings.warn('config.parallel.cpu_compiler_options is not applied with '
+                    'parallel.mode=pmap (jax.pmap takes no compiler options).', stacklevel=2)
     if mesh.shape['fsdp'] > 1 or mesh.shape['tensor'] > 1:
       raise ValueError('config.parallel.mode=pmap is data parallelism only; use mode=jit for '
                        f'config.parallel.mesh with fsdp or tensor > 1 (got {dict(mesh.shape)}).')

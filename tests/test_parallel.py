@@ -186,3 +186,38 @@ def test_pmap_with_several_processes_is_refused_before_compilation(tmp_path, mon
     parallel.compile_steps('pmap', None, None, None, None, ())
   config.parallel.mode = 'jit'  # the mesh of every process's devices is fine
   assert parallel.make_mesh(config.parallel).shape['data'] == jax.device_count()
+
+
+def test_cpu_compiler_options_reach_the_compiled_step_and_keep_its_numbers(tmp_path, monkeypatch):
+  """config.parallel.cpu_compiler_options: YNNPACK off (an empty fusion list) leaves no YNNPACK
+  call in the compiled train step (there are some by default) and the same loss."""
+  monkeypatch.delenv('XLA_FLAGS', raising=False)  # the simulated devices are already made
+  results = {}
+  for name, spec in (('default', ''), ('eigen', 'xla_cpu_experimental_ynn_fusion_type=')):
+    config = gpt_config(num_devices=1)
+    config.parallel.cpu_compiler_options = spec
+    exp = train.setup(config, str(tmp_path / name))
+    state, _ = train.restore_or_init(exp)
+    batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
+    hlo = exp.compiled.train_step.lower(state, batch, exp.rng).compile().as_text()
+    _, metrics = exp.compiled.train_step(state, batch, exp.rng)
+    results[name] = ('__ynn_fusion' in hlo, float(jax.device_get(metrics['loss'])))
+  assert results['default'][0] and not results['eigen'][0]
+  np.testing.assert_allclose(results['eigen'][1], results['default'][1], rtol=1e-5)
+
+
+def test_cpu_compiler_options_parsing(monkeypatch):
+  mesh = parallel.make_mesh(cpu_config('mnist_mlp').parallel)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false')
+  spec = ('xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE, '
+          'xla_cpu_enable_fast_math=true')
+  # The environment's setting wins over the config's.
+  assert parallel.compiler_options(spec, mesh) == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+  assert parallel.compiler_options('', mesh) == {}
+  with pytest.raises(ValueError, match="'fast_math' is not name=value"):
+    parallel.compiler_options('a=1,fast_math', mesh)
+
+  class GpuMesh:  # what compiler_options reads of a mesh
+    devices = np.array([type('Gpu', (), {'platform': 'gpu'})()])
+  assert parallel.compiler_options(spec, GpuMesh()) == {}  # CPU options only for CPU meshes
