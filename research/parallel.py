@@ -15,7 +15,7 @@ collectives. With mesh data=-1 (the default) this is plain data parallelism.
 to give the same numbers.
 
 On CPUs the jitted steps are compiled with `config.parallel.cpu_compiler_options` (see
-`compiler_options`); pmap mode ignores them.
+`compiler_options`); pmap mode cannot take them and warns.
 """
 import dataclasses
 import functools
