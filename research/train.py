@@ -155,6 +155,13 @@ class _Clock:
   def restart(self):
     self.start, self.steps = time.time(), 0
 
+  def first_step_done(self) -> float:
+    """Seconds since the start (the first step, compilation included), kept as the figure for
+    a window written before another step has run; starts counting the next steps."""
+    self.last = time.time() - self.start
+    self.restart()
+    return self.last
+
   def seconds_per_step(self) -> float:
     """Over the steps run since the last write. A write with no step run since the last one
     (a window written at once for an eval or checkpoint right after the previous window was
@@ -281,9 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       done = step + 1
       if step == start:  # the one sync outside logging: report the compilation time
         jax.block_until_ready(metrics)
-        clock.last = time.time() - clock.start  # what a window written before the next step shows
-        writer.log(f'first step (compilation included) took {clock.last:.1f}s')
-        clock.restart()
+        writer.log(f'first step (compilation included) took {clock.first_step_done():.1f}s')
       else:
         clock.steps += 1
       if pending:  # the last window's metrics, fetched now that the next step is queued

@@ -236,8 +236,7 @@ def test_throughput_of_a_window_written_with_no_step_since_the_last(monkeypatch)
   monkeypatch.setattr(train.time, 'time', lambda: now[0])
   clock = train._Clock()  # pylint: disable=protected-access
   now[0] += 30.0  # the first step, compilation included
-  clock.last = now[0] - clock.start
-  clock.restart()
+  assert clock.first_step_done() == 30.0
   assert clock.seconds_per_step() == 30.0  # a 1-step run: that step
   now[0] += 2.0
   clock.steps += 4
