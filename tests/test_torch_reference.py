@@ -1,8 +1,8 @@
 """The benchmark's PyTorch reference (research/torch_reference.py) is the same network as ours.
 
 BENCHMARKS.md compares our training step with it, so it must compute the same function: with
-our parameters copied in, its logits match our GPT's (with and without biases), and it drops
-out exactly where ours does.
+our parameters copied in, its logits match our GPT's (with and without biases), its autograd
+gradients match ours, and it drops out exactly where ours does.
 """
 import functools
 import importlib
@@ -111,3 +111,39 @@ def test_drops_out_where_ours_does(torch_reference):
   ours = GPT(**TINY, dropout_rate=1.0).apply(
       {'params': params}, tokens(), train=True, rngs={'dropout': jax.random.key(0)})
   np.testing.assert_allclose(ours, got, atol=1e-4)
+
+
+def test_same_gradients_as_ours(torch_reference):
+  """Our backward pass against PyTorch's autograd: the gradient of the mean cross-entropy with
+  respect to every parameter (including the position embeddings', which our GPT computes as a
+  contraction with ones rather than a sum over the batch) matches."""
+  params = our_params()
+  x, y = tokens(), np.roll(tokens(), -1, axis=1)
+  reference = reference_gpt(torch_reference, params)
+  logits = reference(torch.tensor(x))[..., :TINY['vocab_size']]
+  torch.nn.functional.cross_entropy(logits.reshape(-1, TINY['vocab_size']),
+                                    torch.tensor(y).reshape(-1)).backward()
+
+  def loss(params):
+    logits = GPT(**TINY).apply({'params': params}, x)
+    return -jax.numpy.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1).mean()
+  grads = jax.grad(loss)(params)
+
+  def check(ours, theirs, matrix=False):
+    theirs = theirs.grad.numpy()
+    ours = np.asarray(ours).reshape(-1, theirs.shape[0]).T if matrix else np.asarray(ours)
+    scale = np.abs(theirs).max()
+    assert scale > 0
+    np.testing.assert_allclose(ours, theirs.reshape(ours.shape), atol=1e-4 * scale)
+
+  check(grads['wte']['embedding'], reference.wte.weight)
+  check(grads['wpe']['embedding'], reference.wpe.weight)
+  for name in ('scale', 'bias'):
+    check(grads['ln_f'][name], getattr(reference.ln_f, {'scale': 'weight'}.get(name, name)))
+  for i, block in enumerate(reference.h):
+    for name in ('c_attn', 'attn_proj', 'c_fc', 'mlp_proj'):
+      check(grads[f'h_{i}'][name]['kernel'], getattr(block, name).weight, matrix=True)
+      check(grads[f'h_{i}'][name]['bias'], getattr(block, name).bias)
+    for name in ('ln_1', 'ln_2'):
+      check(grads[f'h_{i}'][name]['scale'], getattr(block, name).weight)
+      check(grads[f'h_{i}'][name]['bias'], getattr(block, name).bias)
