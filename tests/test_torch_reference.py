@@ -136,14 +136,16 @@ def test_same_gradients_as_ours(torch_reference):
     assert scale > 0
     np.testing.assert_allclose(ours, theirs.reshape(ours.shape), atol=1e-4 * scale)
 
+  def norm(ours, module):
+    check(ours['scale'], module.weight)
+    check(ours['bias'], module.bias)
+
   check(grads['wte']['embedding'], reference.wte.weight)
   check(grads['wpe']['embedding'], reference.wpe.weight)
-  for name in ('scale', 'bias'):
-    check(grads['ln_f'][name], getattr(reference.ln_f, {'scale': 'weight'}.get(name, name)))
+  norm(grads['ln_f'], reference.ln_f)
   for i, block in enumerate(reference.h):
     for name in ('c_attn', 'attn_proj', 'c_fc', 'mlp_proj'):
       check(grads[f'h_{i}'][name]['kernel'], getattr(block, name).weight, matrix=True)
       check(grads[f'h_{i}'][name]['bias'], getattr(block, name).bias)
     for name in ('ln_1', 'ln_2'):
-      check(grads[f'h_{i}'][name]['scale'], getattr(block, name).weight)
-      check(grads[f'h_{i}'][name]['bias'], getattr(block, name).bias)
+      norm(grads[f'h_{i}'][name], getattr(block, name))
