@@ -87,7 +87,9 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
     if grad_accum_steps == 1:
       grads, metrics, model_state = grads_and_metrics(state, inputs, targets, model_rng)
     else:
-      split = lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:])
+      # Micro-batch i takes rows i, i + k, i + 2k, ... (k micro-batches): with the batch split
+      # over devices, each device computes its share of every micro-batch from its own rows.
+      split = lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
 
       def micro_step(carry, micro):
         grads_sum, metrics_sum, model_state = carry

@@ -1,5 +1,6 @@
 """Data parallelism: 1 device, 8 devices with jit over a mesh, and 8 devices with pmap agree."""
 import os
+import re
 import subprocess
 import sys
 
@@ -77,6 +78,20 @@ def test_gpt_agrees_under_data_fsdp_and_tensor_parallelism(tmp_path):
     np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5, err_msg=name)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  state.params, ref_state.params)
+
+
+def test_micro_batches_are_split_where_the_batch_already_is(tmp_path):
+  """With the batch split over 8 devices and 2 micro-batches, each device computes its share of
+  every micro-batch from its own rows: the compiled step's only collective is the gradients'
+  all-reduce. (Micro-batches of consecutive rows gathered and permuted the activations.)"""
+  config = gpt_config(data=8)
+  config.grad_accum_steps = 2
+  exp = train.setup(config, str(tmp_path))
+  state, _ = train.restore_or_init(exp)
+  batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
+  hlo = exp.compiled.train_step.lower(state, batch, exp.rng).compile().as_text()
+  ops = r' (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\('
+  assert set(re.findall(ops, hlo)) == {'all-reduce'}
 
 
 def test_parameters_and_optimizer_state_are_sharded_by_logical_names(tmp_path):
