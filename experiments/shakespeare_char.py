@@ -54,6 +54,7 @@ def get_config(arg=None):
     c.model.block_size = c.data.seq_len = 64
     c.model.dropout_rate = 0.0
     c.parallel.cpu_compiler_options = ''
+    c.parallel.cpu_batch_parts = 2  # two halves at once on two cores (gpt_small.py:nano)
     c.batch_size = 32
     c.total_steps = 500
     c.optimizer.warmup_steps = 20

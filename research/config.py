@@ -7,6 +7,7 @@ own fields (see research/models). Everything here runs before anything is compil
 """
 import dataclasses
 import difflib
+import functools
 
 import jax.numpy as jnp
 import ml_collections
@@ -123,6 +124,9 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   # XLA options for compiling the steps on CPUs, 'name=value,...' (research/parallel.py), e.g.
   # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE' (matmuls in Eigen).
   c.parallel.cpu_compiler_options = ''
+  # On CPUs: each (micro-)batch computed as this many independent parts of one program, which
+  # XLA's runtime runs at the same time on different cores (the same update; BENCHMARKS.md).
+  c.parallel.cpu_batch_parts = 1
   c.lock()
   return c
 
@@ -165,9 +169,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if resolved.nonfinite not in ('stop', 'skip'):
     raise ValueError(f'config.nonfinite={resolved.nonfinite!r}: use stop or skip.')
   for key in ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-              'batch_size', 'grad_accum_steps'):
-    if not isinstance(resolved[key], int) or resolved[key] < 1:
-      raise ValueError(f'config.{key} must be a positive integer, got {resolved[key]!r}.')
+              'batch_size', 'grad_accum_steps', 'parallel.cpu_batch_parts'):
+    value = functools.reduce(lambda node, part: node[part], key.split('.'), resolved)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f'config.{key} must be a positive integer, got {value!r}.')
   return resolved
 
 

@@ -79,8 +79,17 @@ def make_mesh(parallel_config) -> Mesh:
   return Mesh(np.asarray(devices(parallel_config.num_devices)).reshape(shape), AXES)
 
 
+def all_cpu(mesh: Mesh) -> bool:
+  return all(device.platform == 'cpu' for device in mesh.devices.flat)
+
+
+def batch_parts(parallel_config, mesh: Mesh) -> int:
+  """`config.parallel.cpu_batch_parts` on a mesh of CPUs, 1 on accelerators."""
+  return parallel_config.cpu_batch_parts if all_cpu(mesh) else 1
+
+
 def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh,
-                     eval_batch_size: int = 0):
+                     eval_batch_size: int = 0, parts: int = 1):
   """Fails before any compilation when a global batch cannot be split evenly."""
   n = math.prod(mesh.shape[a] for a in BATCH)
   for key, size in (('batch_size', batch_size), ('eval_batch_size', eval_batch_size)):
@@ -88,9 +97,11 @@ def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh,
       raise ValueError(
           f'config.{key}={size} is not divisible by the number of devices it is split over '
           f'({n} = mesh data x fsdp); use a multiple of {n}, e.g. {max(1, size // n) * n}.')
-  if batch_size % (n * grad_accum_steps):
-    raise ValueError(f'config.batch_size={batch_size} must be divisible by devices x '
-                     f'config.grad_accum_steps = {n} x {grad_accum_steps}.')
+  if batch_size % (n * grad_accum_steps * parts):
+    names, sizes = 'devices x config.grad_accum_steps', f'{n} x {grad_accum_steps}'
+    if parts > 1:
+      names, sizes = names + ' x config.parallel.cpu_batch_parts', sizes + f' x {parts}'
+    raise ValueError(f'config.batch_size={batch_size} must be divisible by {names} = {sizes}.')
 
 
 def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:
@@ -115,16 +126,17 @@ class Compiled:
 def compiler_options(spec: str, mesh: Mesh) -> dict:
   """`config.parallel.cpu_compiler_options` ('name=value,...') as XLA compile options for the
   jitted steps when the mesh is all CPUs (nothing on accelerators), less any option that
-  XLA_FLAGS also sets: the environment wins. An XLA option that does not exist, or a bad value,
-  is an error when the step compiles that names it."""
+  XLA_FLAGS also sets: the environment wins. true / false (any case) are booleans. An XLA
+  option that does not exist, or a bad value, is an error when the step compiles that names it."""
   options = {}
   for item in filter(None, (part.strip() for part in spec.split(','))):
     name, sep, value = item.partition('=')
     if not sep or not name.strip():
       raise ValueError(f'config.parallel.cpu_compiler_options={spec!r}: {item!r} is not '
                        'name=value.')
-    options[name.strip()] = value.strip()
-  if any(device.platform != 'cpu' for device in mesh.devices.flat):
+    value = value.strip()
+    options[name.strip()] = {'true': True, 'false': False}.get(value.lower(), value)
+  if not all_cpu(mesh):
     return {}
   flags = os.environ.get('XLA_FLAGS', '')
   return {name: value for name, value in options.items() if f'--{name}=' not in flags}

@@ -47,13 +47,16 @@ def _apply(model, state, params, inputs, train, rng=None):
 
 def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
                preprocess: Callable, num_classes: int = 0, label_smoothing: float = 0.0,
-               grad_accum_steps: int = 1, skip_nonfinite: bool = False,
-               axis_name: str | None = None):
+               grad_accum_steps: int = 1, concurrent_parts: int = 1,
+               skip_nonfinite: bool = False, axis_name: str | None = None):
   """Builds (train_step, eval_step) for `loss` in {'cross_entropy', 'mse'}.
 
   num_classes > 0 adds accuracy to the metrics and a confusion matrix to evaluation.
   grad_accum_steps > 1 splits each batch into that many micro-batches whose gradients are
   averaged before one update (the same update as the whole batch, in less memory).
+  concurrent_parts > 1 computes each of those as that many parts, the accumulation loop unrolled
+  by as much: independent pieces of one program, which XLA's CPU runtime runs at the same time
+  on different cores (the same update again, in more memory).
   skip_nonfinite: a step whose loss or gradients are not finite leaves the state unchanged
   (except the step counter) and reports metrics['skipped'] = 1.
   """
@@ -84,12 +87,13 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
     preprocess_rng, model_rng = jax.random.split(rng)
     inputs = preprocess(batch['inputs'], preprocess_rng, train=True)
     targets = batch['targets']
-    if grad_accum_steps == 1:
+    micro_batches = grad_accum_steps * concurrent_parts
+    if micro_batches == 1:
       grads, metrics, model_state = grads_and_metrics(state, inputs, targets, model_rng)
     else:
       # Micro-batch i takes rows i, i + k, i + 2k, ... (k micro-batches): with the batch split
       # over devices, each device computes its share of every micro-batch from its own rows.
-      split = lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
+      split = lambda x: x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1)
 
       def micro_step(carry, micro):
         grads_sum, metrics_sum, model_state = carry
@@ -104,8 +108,9 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
           lambda: grads_and_metrics(state, split(inputs)[0], split(targets)[0], model_rng)[1])
       carry = (zeros(state.params), zeros(metrics_shape), state.model_state)
       (grads, metrics, model_state), _ = lax.scan(
-          micro_step, carry, (split(inputs), split(targets), jnp.arange(grad_accum_steps)))
-      grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
+          micro_step, carry, (split(inputs), split(targets), jnp.arange(micro_batches)),
+          unroll=concurrent_parts)
+      grads, metrics = jax.tree.map(lambda x: x / micro_batches, (grads, metrics))
 
     grads, metrics = mean(grads), mean(metrics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

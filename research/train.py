@@ -51,8 +51,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Validates the config and builds data, model, optimizer and compiled steps (lazily)."""
   config = config_lib.resolve(config)
   mesh = parallel.make_mesh(config.parallel)
+  parts = parallel.batch_parts(config.parallel, mesh)
   parallel.check_batch_size(config.batch_size, config.grad_accum_steps, mesh,
-                           config.eval_batch_size)
+                           config.eval_batch_size, parts)
   data = data_lib.build(config)
   if config.loss == 'cross_entropy' and not (data.num_classes or data.tokenizer):
     raise ValueError(f'config.loss=cross_entropy needs class labels, but {config.data.name!r} '
@@ -81,7 +82,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   def make_steps(axis_name):
     return steps.make_steps(model, tx, loss=config.loss, preprocess=preprocess,
                             num_classes=num_classes, label_smoothing=config.label_smoothing,
-                            grad_accum_steps=config.grad_accum_steps,
+                            grad_accum_steps=config.grad_accum_steps, concurrent_parts=parts,
                             skip_nonfinite=config.nonfinite == 'skip', axis_name=axis_name)
 
   init_rng, rng = jax.random.split(jax.random.key(config.seed))

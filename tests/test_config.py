@@ -105,10 +105,15 @@ def test_missing_required_key(key):
     config.resolve(ml_collections.ConfigDict(d))
 
 
-@pytest.mark.parametrize('key', ['total_steps', 'batch_size', 'grad_accum_steps'])
+@pytest.mark.parametrize('key', ['total_steps', 'batch_size', 'grad_accum_steps',
+                                 'parallel.cpu_batch_parts'])
 def test_non_positive_counts_rejected(key):
   d = mnist_mlp_dict()
-  d[key] = 0
+  *parents, leaf = key.split('.')
+  node = d
+  for part in parents:
+    node = node.setdefault(part, {})
+  node[leaf] = 0
   with pytest.raises(ValueError, match=rf'config\.{key} must be a positive integer'):
     config.resolve(ml_collections.ConfigDict(d))
 

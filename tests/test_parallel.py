@@ -85,7 +85,7 @@ def test_micro_batches_are_split_where_the_batch_already_is(tmp_path):
   every micro-batch from its own rows: the compiled step's only collective is the gradients'
   all-reduce. (Micro-batches of consecutive rows gathered and permuted the activations.)"""
   config = gpt_config(data=8)
-  config.grad_accum_steps = 2
+  config.batch_size, config.grad_accum_steps = 32, 2  # and config.parallel.cpu_batch_parts=2
   exp = train.setup(config, str(tmp_path))
   state, _ = train.restore_or_init(exp)
   batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
@@ -230,9 +230,19 @@ def test_cpu_compiler_options_parsing(monkeypatch):
   assert parallel.compiler_options(spec, mesh) == {
       'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
   assert parallel.compiler_options('', mesh) == {}
+  assert parallel.compiler_options('xla_cpu_multi_thread_eigen=false', mesh) == {
+      'xla_cpu_multi_thread_eigen': False}  # XLA takes no 'false' string for a bool option
   with pytest.raises(ValueError, match="'fast_math' is not name=value"):
     parallel.compiler_options('a=1,fast_math', mesh)
-
-  class GpuMesh:  # what compiler_options reads of a mesh
-    devices = np.array([type('Gpu', (), {'platform': 'gpu'})()])
   assert parallel.compiler_options(spec, GpuMesh()) == {}  # CPU options only for CPU meshes
+
+
+class GpuMesh:  # what compiler_options and batch_parts read of a mesh
+  devices = np.array([type('Gpu', (), {'platform': 'gpu'})()])
+
+
+def test_cpu_batch_parts_only_on_cpus():
+  config = cpu_config('mnist_mlp')
+  config.parallel.cpu_batch_parts = 2
+  assert parallel.batch_parts(config.parallel, parallel.make_mesh(config.parallel)) == 2
+  assert parallel.batch_parts(config.parallel, GpuMesh()) == 1

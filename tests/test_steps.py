@@ -13,7 +13,7 @@ from research.data import image
 
 
 def setup(model_name='mlp', loss='cross_entropy', num_classes=3, grad_accum_steps=1,
-          input_shape=(5,), optimizer=None, **model_fields):
+          input_shape=(5,), optimizer=None, concurrent_parts=1, **model_fields):
   if model_name == 'mlp':
     model_fields.setdefault('num_outputs', num_classes)
   model = models.build_model(config.model_config(model_name, **model_fields))
@@ -23,7 +23,8 @@ def setup(model_name='mlp', loss='cross_entropy', num_classes=3, grad_accum_step
   tx, _ = optim.make_optimizer(c, total_steps=100)
   train_step, eval_step = steps.make_steps(
       model, tx, loss=loss, preprocess=image.make_preprocess(config.defaults().data),
-      num_classes=num_classes, grad_accum_steps=grad_accum_steps)
+      num_classes=num_classes, grad_accum_steps=grad_accum_steps,
+      concurrent_parts=concurrent_parts)
   state = steps.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *input_shape)))
   return model, state, jax.jit(train_step), jax.jit(eval_step)
 
@@ -46,19 +47,23 @@ def test_train_step_lowers_loss():
   assert 0.0 <= float(metrics['accuracy']) <= 1.0 and np.isfinite(float(metrics['grad_norm']))
 
 
-def test_grad_accumulation_matches_whole_batch():
+@pytest.mark.parametrize('accum,parts', [(4, 1), (1, 2), (2, 2)])
+def test_grad_accumulation_and_concurrent_parts_match_whole_batch(accum, parts):
   sgd = {'name': 'sgd', 'learning_rate': 0.5, 'momentum': 0.0}
   batch = classification_batch(16)
   results = []
-  for accum in (1, 4):
-    _, state, train_step, _ = setup(hidden_sizes=(16,), grad_accum_steps=accum, optimizer=sgd)
+  for a, p in ((1, 1), (accum, parts)):
+    _, state, train_step, _ = setup(hidden_sizes=(16,), grad_accum_steps=a, optimizer=sgd,
+                                    concurrent_parts=p)
     results.append(train_step(state, batch, jax.random.key(1)))
-  (one, m1), (four, m4) = results
+    hlo = train_step.lower(state, batch, jax.random.key(1)).as_text()
+    assert ('stablehlo.while' in hlo) == (a > 1)  # concurrent parts: unrolled, no loop
+  (one, m1), (split, m2) = results
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), one.params, state.params)
   assert min(jax.tree.leaves(moved)) > 1e-4   # the update is not trivially zero
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one.params, four.params)
-  np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-6)
-  np.testing.assert_allclose(m1['grad_norm'], m4['grad_norm'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one.params, split.params)
+  np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-6)
+  np.testing.assert_allclose(m1['grad_norm'], m2['grad_norm'], rtol=1e-5)
 
 
 def test_eval_step_ignores_masked_examples():
