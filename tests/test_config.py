@@ -93,13 +93,18 @@ def test_defaults_are_locked():
     c.model.hiden_sizes = (4,)
 
 
+def parent_of(d: dict, key: str):
+  """'parallel.mesh.data' -> (d['parallel']['mesh'], 'data')."""
+  *parents, leaf = key.split('.')
+  for part in parents:
+    d = d[part]
+  return d, leaf
+
+
 @pytest.mark.parametrize('key', config.REQUIRED)
 def test_missing_required_key(key):
   d = mnist_mlp_dict()
-  *parents, leaf = key.split('.')
-  node = d
-  for part in parents:
-    node = node[part]
+  node, leaf = parent_of(d, key)
   del node[leaf]
   with pytest.raises(ValueError, match=rf'does not set config\.{key};'):
     config.resolve(ml_collections.ConfigDict(d))
@@ -109,10 +114,7 @@ def test_missing_required_key(key):
                                  'parallel.cpu_batch_parts'])
 def test_non_positive_counts_rejected(key):
   d = mnist_mlp_dict()
-  *parents, leaf = key.split('.')
-  node = d
-  for part in parents:
-    node = node.setdefault(part, {})
+  node, leaf = parent_of(d, key)
   node[leaf] = 0
   with pytest.raises(ValueError, match=rf'config\.{key} must be a positive integer'):
     config.resolve(ml_collections.ConfigDict(d))

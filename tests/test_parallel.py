@@ -85,7 +85,7 @@ def test_micro_batches_are_split_where_the_batch_already_is(tmp_path):
   every micro-batch from its own rows: the compiled step's only collective is the gradients'
   all-reduce. (Micro-batches of consecutive rows gathered and permuted the activations.)"""
   config = gpt_config(data=8)
-  config.batch_size, config.grad_accum_steps = 32, 2  # and config.parallel.cpu_batch_parts=2
+  config.batch_size, config.grad_accum_steps = 32, 2  # x 2 parts (gpt_small.py:cpu sets them)
   exp = train.setup(config, str(tmp_path))
   state, _ = train.restore_or_init(exp)
   batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
