@@ -9,12 +9,22 @@ mfu, peak_memory_bytes, params, batch_size, seq_len, device_kind, device_count, 
 
 --compile_only compiles the step ahead of time for the configured devices and prints its
 compile time, memory (per device) and XLA's FLOPs per step instead, before a long run.
+
+--against_torch times the PyTorch reference of the same experiment (research/torch_reference.py)
+as well: --rounds rounds, each running this benchmark and then the reference in fresh processes
+(same config, overrides, --steps and --warmup), so both see the machine in the same minutes.
+It prints each round's figures and, last, one JSON object with every round and the median of
+the per-round ratios `speedup` (PyTorch's step time / ours: above 1 means ours is faster).
+Extra flags for the reference go in --torch_args (e.g. "--device=cuda --compile").
 """
 # First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
 hostmem.keep_freed_memory()
 import json
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -35,6 +45,11 @@ flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 flags.DEFINE_bool('compile_only', False, 'Compile the train step ahead of time for the configured '
                   'devices and print its compile time, memory per device and FLOPs per step, '
                   'without allocating the state or running a step.')
+flags.DEFINE_bool('against_torch', False, 'Alternate rounds of this benchmark and of the PyTorch '
+                  'reference (research/torch_reference.py), each in a fresh process, and print '
+                  'their ratio (see the module docstring).')
+flags.DEFINE_integer('rounds', 3, 'With --against_torch: how many rounds (ours, then PyTorch).')
+flags.DEFINE_string('torch_args', '', 'With --against_torch: extra flags for the reference.')
 flags.mark_flag_as_required('config')
 FLAGS = flags.FLAGS
 
@@ -113,16 +128,69 @@ def run(config, steps: int, warmup: int, name: str = '') -> dict:
         step_ms=1000 * step_s, compile_s=compile_s, mfu=mfu,
         peak_memory_bytes=peak_memory_bytes(step), params=num_params,
         batch_size=config.batch_size, seq_len=seq_len,
+        vocab_size=config.model.get('vocab_size') if config.model.name == 'gpt' else None,
         device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
         config=name)
   return result
+
+
+def _last_json_line(command: list[str]) -> dict:
+  """Runs `command`; its last line of output, parsed (its output is shown if it fails)."""
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  lines = done.stdout.strip().splitlines()
+  if done.returncode or not lines:
+    raise RuntimeError(f'{shlex.join(command)} failed (exit status {done.returncode}):\n'
+                       f'{done.stdout[-3000:]}{done.stderr[-3000:]}')
+  return json.loads(lines[-1])
+
+
+def config_overrides(args: list[str]) -> list[str]:
+  """The `--config.KEY=VALUE` (or `--config.KEY VALUE`) flags in `args`, as `--config.KEY=VALUE`."""
+  overrides = []
+  for i, arg in enumerate(args):
+    if arg.startswith('--config.'):
+      overrides.append(arg if '=' in arg else f'{arg}={args[i + 1]}')
+  return overrides
+
+
+def against_torch(name: str, overrides: list[str], rounds: int, steps: int, warmup: int,
+                  torch_args: str) -> dict:
+  """Rounds of ours then the PyTorch reference, each in a fresh process; their ratios."""
+  common = [f'--config={name}', *overrides, f'--steps={steps}', f'--warmup={warmup}']
+  results = []
+  for i in range(rounds):
+    ours = _last_json_line([sys.executable, '-m', 'research.benchmark', *common])
+    vocab = [f'--vocab_size={ours["vocab_size"]}'] if ours.get('vocab_size') else []
+    theirs = _last_json_line([sys.executable, '-m', 'research.torch_reference', *common,
+                              *vocab, *shlex.split(torch_args)])
+    for key in ('batch_size', 'seq_len'):
+      if ours[key] != theirs[key]:
+        raise RuntimeError(f'The PyTorch reference ran {key}={theirs[key]}, ours {ours[key]}: '
+                           'not the same experiment.')
+    speedup = theirs['step_ms'] / ours['step_ms']
+    results.append({'ours_step_ms': ours['step_ms'], 'torch_step_ms': theirs['step_ms'],
+                    'speedup': speedup})
+    print(f'round {i + 1}/{rounds}: ours {ours["step_ms"]:.1f} ms, PyTorch '
+          f'{theirs["step_ms"]:.1f} ms per step: ours / PyTorch {speedup:.2f}x', flush=True)
+  return {'speedup': statistics.median(r['speedup'] for r in results),
+          'ours_step_ms': statistics.median(r['ours_step_ms'] for r in results),
+          'torch_step_ms': statistics.median(r['torch_step_ms'] for r in results),
+          'rounds': results, 'batch_size': ours['batch_size'], 'seq_len': ours['seq_len'],
+          'device_kind': ours['device_kind'], 'device_count': ours['device_count'],
+          'torch': theirs.get('torch'), 'torch_device': theirs.get('device'), 'config': name}
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   name = flags.FLAGS['config'].config_filename
-  if FLAGS.compile_only:
+  if FLAGS.against_torch:
+    if FLAGS.compile_only or FLAGS.rounds < 1:
+      raise app.UsageError('--against_torch needs --rounds >= 1 and no --compile_only.')
+    overrides = config_overrides(sys.argv[1:])
+    print(json.dumps(against_torch(name, overrides, FLAGS.rounds, FLAGS.steps, FLAGS.warmup,
+                                   FLAGS.torch_args)))
+  elif FLAGS.compile_only:
     print(json.dumps(compile_only(FLAGS.config, name)))
   else:
     print(json.dumps(run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name)))
