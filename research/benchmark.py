@@ -144,13 +144,9 @@ def _last_json_line(command: list[str]) -> dict:
   return json.loads(lines[-1])
 
 
-def config_overrides(args: list[str]) -> list[str]:
-  """The `--config.KEY=VALUE` (or `--config.KEY VALUE`) flags in `args`, as `--config.KEY=VALUE`."""
-  overrides = []
-  for i, arg in enumerate(args):
-    if arg.startswith('--config.'):
-      overrides.append(arg if '=' in arg else f'{arg}={args[i + 1]}')
-  return overrides
+def override_flags(values: dict) -> list[str]:
+  """The config overrides given on the command line (`get_override_values`), as flags again."""
+  return [f'--config.{key}={value}' for key, value in values.items()]
 
 
 def against_torch(name: str, overrides: list[str], rounds: int, steps: int, warmup: int,
@@ -169,7 +165,8 @@ def against_torch(name: str, overrides: list[str], rounds: int, steps: int, warm
                            'not the same experiment.')
     speedup = theirs['step_ms'] / ours['step_ms']
     results.append({'ours_step_ms': ours['step_ms'], 'torch_step_ms': theirs['step_ms'],
-                    'speedup': speedup})
+                    'speedup': speedup, 'ours_params': ours['params'],
+                    'torch_params': theirs['params']})
     print(f'round {i + 1}/{rounds}: ours {ours["step_ms"]:.1f} ms, PyTorch '
           f'{theirs["step_ms"]:.1f} ms per step: ours / PyTorch {speedup:.2f}x', flush=True)
   return {'speedup': statistics.median(r['speedup'] for r in results),
@@ -187,7 +184,7 @@ def main(argv):
   if FLAGS.against_torch:
     if FLAGS.compile_only or FLAGS.rounds < 1:
       raise app.UsageError('--against_torch needs --rounds >= 1 and no --compile_only.')
-    overrides = config_overrides(sys.argv[1:])
+    overrides = override_flags(config_flags.get_override_values(flags.FLAGS['config']))
     print(json.dumps(against_torch(name, overrides, FLAGS.rounds, FLAGS.steps, FLAGS.warmup,
                                    FLAGS.torch_args)))
   elif FLAGS.compile_only:
