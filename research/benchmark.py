@@ -185,8 +185,12 @@ def main(argv):
     if FLAGS.compile_only or FLAGS.rounds < 1:
       raise app.UsageError('--against_torch needs --rounds >= 1 and no --compile_only.')
     overrides = override_flags(config_flags.get_override_values(flags.FLAGS['config']))
-    print(json.dumps(against_torch(name, overrides, FLAGS.rounds, FLAGS.steps, FLAGS.warmup,
-                                   FLAGS.torch_args)))
+    try:
+      result = against_torch(name, overrides, FLAGS.rounds, FLAGS.steps, FLAGS.warmup,
+                             FLAGS.torch_args)
+    except RuntimeError as e:  # a failed run or a mismatch: its message, not our traceback
+      sys.exit(str(e))
+    print(json.dumps(result))
   elif FLAGS.compile_only:
     print(json.dumps(compile_only(FLAGS.config, name)))
   else:

@@ -1,35 +1,31 @@
-"""`python -m research.benchmark --against_torch`: ours and the PyTorch reference, alternated."""
+"""`python -m research.benchmark --against_torch`: ours and the PyTorch reference, alternated.
+
+Run as commands: importing research.benchmark here would define its absl flags a second time
+next to research.torch_reference's (tests/test_torch_reference.py) and tune this process's
+malloc for a benchmark (research/hostmem.py).
+"""
 import json
 import subprocess
 import sys
 
 import pytest
 
-from research import benchmark
+pytest.importorskip('torch', reason='the PyTorch reference needs torch')
+
+# gpt_small.py:cpu with one layer instead of two; a batch the 8 test devices and the 2 parts
+# of `cpu_batch_parts` divide.
+TINY = ['--config=experiments/gpt_small.py:cpu', '--config.batch_size=32']
 
 
-def test_config_overrides_become_flags_again():
-  values = {'batch_size': 4, 'model.scan_layers': True, 'data.source': 'a b.txt'}
-  assert benchmark.override_flags(values) == [
-      '--config.batch_size=4', '--config.model.scan_layers=True', '--config.data.source=a b.txt']
+def benchmark(*args):
+  return subprocess.run([sys.executable, '-m', 'research.benchmark', *TINY, *args],
+                        capture_output=True, text=True, check=False, timeout=600)
 
 
-def test_a_failing_process_shows_its_output():
-  command = [sys.executable, '-c', 'print("partial"); import sys; sys.exit("boom")']
-  with pytest.raises(RuntimeError, match=r'(?s)exit status 1.*partial.*boom'):
-    benchmark._last_json_line(command)  # pylint: disable=protected-access
-
-
-@pytest.mark.filterwarnings('ignore')
 def test_against_torch_runs_both_with_the_same_overrides():
   # Overrides in all three spellings: =VALUE, a separate VALUE, and a bare boolean.
-  pytest.importorskip('torch')
-  done = subprocess.run(
-      [sys.executable, '-m', 'research.benchmark', '--config=experiments/gpt_small.py:cpu',
-       '--config.batch_size=32', '--config.model.n_layer', '1', '--config.model.scan_layers',
-       '--steps=2', '--warmup=1',
-       '--against_torch', '--rounds=2'],
-      capture_output=True, text=True, check=False, timeout=600)
+  done = benchmark('--config.model.n_layer', '1', '--config.model.scan_layers',
+                   '--steps=2', '--warmup=1', '--against_torch', '--rounds=2')
   assert done.returncode == 0, done.stderr[-3000:]
   out = done.stdout.strip().splitlines()
   assert [line.split(':')[0] for line in out[:-1]] == ['round 1/2', 'round 2/2']
@@ -43,3 +39,10 @@ def test_against_torch_runs_both_with_the_same_overrides():
     assert 0 < r['ours_params'] < 400_000 and 0 < r['torch_params'] < 400_000
   assert min(r['speedup'] for r in result['rounds']) <= result['speedup'] <= max(
       r['speedup'] for r in result['rounds'])
+
+
+def test_a_failing_reference_shows_its_command_and_output():
+  done = benchmark('--config.model.n_layer=1', '--steps=1', '--warmup=0', '--against_torch',
+                   '--rounds=1', '--torch_args=--no_such_flag')
+  assert done.returncode != 0
+  assert 'research.torch_reference' in done.stderr and 'no_such_flag' in done.stderr
