@@ -16,10 +16,15 @@ as well: --rounds rounds, each running this benchmark and then the reference in 
 It prints each round's figures and, last, one JSON object with every round and the median of
 the per-round ratios `speedup` (PyTorch's step time / ours: above 1 means ours is faster).
 Extra flags for the reference go in --torch_args (e.g. "--device=cuda --compile").
+
+--mock_data replaces TFDS datasets by random examples of the same shapes and types
+(`tfds.testing.mock_data`), so that image models can be benchmarked on a machine without their
+data: a step's speed does not depend on the pixels.
 """
 # First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
 hostmem.keep_freed_memory()
+import contextlib
 import json
 import shlex
 import statistics
@@ -50,6 +55,8 @@ flags.DEFINE_bool('against_torch', False, 'Alternate rounds of this benchmark an
                   'their ratio (see the module docstring).')
 flags.DEFINE_integer('rounds', 3, 'With --against_torch: how many rounds (ours, then PyTorch).')
 flags.DEFINE_string('torch_args', '', 'With --against_torch: extra flags for the reference.')
+flags.DEFINE_bool('mock_data', False, 'TFDS datasets replaced by random examples of the same '
+                  'shapes (tfds.testing.mock_data): benchmark without the data.')
 flags.mark_flag_as_required('config')
 FLAGS = flags.FLAGS
 
@@ -149,13 +156,20 @@ def override_flags(values: dict) -> list[str]:
   return [f'--config.{key}={value}' for key, value in values.items()]
 
 
+def mock_data(config):
+  """TFDS's mock data, enough examples for a few batches of the experiment."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.testing.mock_data(num_examples=max(256, 4 * config.batch_size),
+                                policy=tfds.testing.MockPolicy.USE_CODE)
+
+
 def against_torch(name: str, overrides: list[str], rounds: int, steps: int, warmup: int,
-                  torch_args: str) -> dict:
+                  torch_args: str, ours_args: tuple[str, ...] = ()) -> dict:
   """Rounds of ours then the PyTorch reference, each in a fresh process; their ratios."""
   common = [f'--config={name}', *overrides, f'--steps={steps}', f'--warmup={warmup}']
   results = []
   for i in range(rounds):
-    ours = _last_json_line([sys.executable, '-m', 'research.benchmark', *common])
+    ours = _last_json_line([sys.executable, '-m', 'research.benchmark', *common, *ours_args])
     vocab = [f'--vocab_size={ours["vocab_size"]}'] if ours.get('vocab_size') else []
     theirs = _last_json_line([sys.executable, '-m', 'research.torch_reference', *common,
                               *vocab, *shlex.split(torch_args)])
@@ -187,14 +201,17 @@ def main(argv):
     overrides = override_flags(config_flags.get_override_values(flags.FLAGS['config']))
     try:
       result = against_torch(name, overrides, FLAGS.rounds, FLAGS.steps, FLAGS.warmup,
-                             FLAGS.torch_args)
+                             FLAGS.torch_args, ('--mock_data',) if FLAGS.mock_data else ())
     except RuntimeError as e:  # a failed run or a mismatch: its message, not our traceback
       sys.exit(str(e))
     print(json.dumps(result))
-  elif FLAGS.compile_only:
-    print(json.dumps(compile_only(FLAGS.config, name)))
-  else:
-    print(json.dumps(run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name)))
+    return
+  with mock_data(FLAGS.config) if FLAGS.mock_data else contextlib.nullcontext():
+    if FLAGS.compile_only:
+      result = compile_only(FLAGS.config, name)
+    else:
+      result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name)
+  print(json.dumps(result))
 
 
 if __name__ == '__main__':

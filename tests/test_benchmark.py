@@ -46,3 +46,16 @@ def test_a_failing_reference_shows_its_command_and_output():
                    '--rounds=1', '--torch_args=--no_such_flag')
   assert done.returncode != 0
   assert 'research.torch_reference' in done.stderr and 'no_such_flag' in done.stderr
+
+
+def test_image_models_run_on_mock_data_against_their_reference():
+  # No CIFAR-10 on disk here: --mock_data stands in for it (TFDS's mock data), in our process.
+  done = subprocess.run(
+      [sys.executable, '-m', 'research.benchmark', '--config=experiments/cifar10_lenet.py',
+       '--mock_data', '--steps=2', '--warmup=1', '--against_torch', '--rounds=1'],
+      capture_output=True, text=True, check=False, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result['batch_size'] == 64 and result['seq_len'] is None
+  (r,) = result['rounds']
+  assert r['ours_params'] == r['torch_params'] == 62_006  # LeNet-5 for 32x32x3 images, 10 classes
