@@ -17,6 +17,13 @@ It prints each round's figures and, last, one JSON object with every round and t
 the per-round ratios `speedup` (PyTorch's step time / ours: above 1 means ours is faster).
 Extra flags for the reference go in --torch_args (e.g. "--device=cuda --compile").
 
+--config_b=experiments/Y.py[:ARG] (with its own --config_b.KEY=VALUE overrides) compares two
+variants in one process instead: both steps are compiled, then run alternately, A then B, for
+--steps pairs, and the JSON gives both medians and the median of the per-pair ratios
+`b_over_a` (B's step time / A's: below 1 means B is faster) with the share of pairs B won.
+A machine whose speed drifts moves both sides of a pair alike, so this resolves differences of
+1-2% where separate runs cannot (BENCHMARKS.md). Both models are in memory at once.
+
 --mock_data replaces TFDS datasets by random examples of the same shapes and types
 (`tfds.testing.mock_data`), so that image models can be benchmarked on a machine without their
 data: a step's speed does not depend on the pixels.
@@ -45,7 +52,9 @@ from research.models import transformer
 
 config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].',
                                 lock_config=True)
-flags.DEFINE_integer('steps', 20, 'Timed steps.')
+config_flags.DEFINE_config_file('config_b', None, 'A second variant to compare with --config '
+                                'in this process (see the module docstring).', lock_config=True)
+flags.DEFINE_integer('steps', 20, 'Timed steps (with --config_b: pairs of steps).')
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 flags.DEFINE_bool('compile_only', False, 'Compile the train step ahead of time for the configured '
                   'devices and print its compile time, memory per device and FLOPs per step, '
@@ -100,27 +109,39 @@ def compile_only(config, name: str = '') -> dict:
         'config': name}
 
 
+class _Timed:
+  """An experiment's train step compiled ahead of time, stepped on one batch and timed."""
+
+  def __init__(self, config, workdir: str):
+    self.exp = train.setup(config, workdir)
+    self.state, _ = train.restore_or_init(self.exp)
+    self.batch = self.exp.compiled.put_batch(next(self.exp.data.train_batches(0)))
+    start = time.perf_counter()
+    self.step = self.exp.compiled.train_step.lower(self.state, self.batch, self.exp.rng).compile()
+    self.compile_s = time.perf_counter() - start
+    self.metrics = None
+
+  def __call__(self) -> float:
+    """One step, waited for; its seconds."""
+    start = time.perf_counter()
+    self.state, self.metrics = self.step(self.state, self.batch, self.exp.rng)
+    jax.block_until_ready(self.metrics)
+    return time.perf_counter() - start
+
+  def check_loss(self):
+    if not np.isfinite(float(jax.device_get(self.metrics['loss']))):
+      raise FloatingPointError('The benchmarked steps produced a non-finite loss.')
+
+
 def run(config, steps: int, warmup: int, name: str = '') -> dict:
   with tempfile.TemporaryDirectory() as workdir:
-    exp = train.setup(config, workdir)
-    config = exp.config
-    state, _ = train.restore_or_init(exp)
-    batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
-    start = time.perf_counter()
-    step = exp.compiled.train_step.lower(state, batch, exp.rng).compile()
-    compile_s = time.perf_counter() - start
+    timed = _Timed(config, workdir)
+    config = timed.exp.config
     for _ in range(warmup):
-      state, metrics = step(state, batch, exp.rng)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = step(state, batch, exp.rng)
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-    if not np.isfinite(float(jax.device_get(metrics['loss']))):
-      raise FloatingPointError('The benchmarked steps produced a non-finite loss.')
-    params = exp.compiled.get_state(state).params
+      timed()
+    times = [timed() for _ in range(steps)]
+    timed.check_loss()
+    params = timed.exp.compiled.get_state(timed.state).params
     num_params = sum(int(x.size) for x in jax.tree.leaves(params))
     step_s = statistics.median(times)
     result = {'examples_per_sec': config.batch_size / step_s}
@@ -132,13 +153,30 @@ def run(config, steps: int, warmup: int, name: str = '') -> dict:
           params, config.model.n_layer, config.model.n_embd, seq_len)
       mfu = per_token * result['tokens_per_sec'] / metrics_lib.total_peak_flops()[0]
     result.update(
-        step_ms=1000 * step_s, compile_s=compile_s, mfu=mfu,
-        peak_memory_bytes=peak_memory_bytes(step), params=num_params,
+        step_ms=1000 * step_s, compile_s=timed.compile_s, mfu=mfu,
+        peak_memory_bytes=peak_memory_bytes(timed.step), params=num_params,
         batch_size=config.batch_size, seq_len=seq_len,
         vocab_size=config.model.get('vocab_size') if config.model.name == 'gpt' else None,
         device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
         config=name)
   return result
+
+
+def run_ab(config_a, config_b, steps: int, warmup: int, names: tuple[str, str]) -> dict:
+  """Steps of A and B alternated in one process; their medians and paired ratio."""
+  with tempfile.TemporaryDirectory() as workdir_a, tempfile.TemporaryDirectory() as workdir_b:
+    a, b = _Timed(config_a, workdir_a), _Timed(config_b, workdir_b)
+    for _ in range(warmup):
+      a(), b()
+    pairs = [(a(), b()) for _ in range(steps)]
+    a.check_loss()
+    b.check_loss()
+  return {'a_step_ms': 1000 * statistics.median(t for t, _ in pairs),
+          'b_step_ms': 1000 * statistics.median(t for _, t in pairs),
+          'b_over_a': statistics.median(tb / ta for ta, tb in pairs),
+          'b_faster_share': sum(tb < ta for ta, tb in pairs) / len(pairs), 'pairs': len(pairs),
+          'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+          'config': names[0], 'config_b': names[1]}
 
 
 def _last_json_line(command: list[str]) -> dict:
@@ -196,8 +234,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   name = flags.FLAGS['config'].config_filename
   if FLAGS.against_torch:
-    if FLAGS.compile_only or FLAGS.rounds < 1:
-      raise app.UsageError('--against_torch needs --rounds >= 1 and no --compile_only.')
+    if FLAGS.compile_only or FLAGS.rounds < 1 or FLAGS.config_b is not None:
+      raise app.UsageError('--against_torch needs --rounds >= 1, no --compile_only and no '
+                           '--config_b.')
     overrides = override_flags(config_flags.get_override_values(flags.FLAGS['config']))
     try:
       result = against_torch(name, overrides, FLAGS.rounds, FLAGS.steps, FLAGS.warmup,
@@ -207,7 +246,12 @@ def main(argv):
     print(json.dumps(result))
     return
   with mock_data(FLAGS.config) if FLAGS.mock_data else contextlib.nullcontext():
-    if FLAGS.compile_only:
+    if FLAGS.config_b is not None:
+      if FLAGS.compile_only or FLAGS.steps < 1:
+        raise app.UsageError('--config_b needs --steps >= 1 and no --compile_only.')
+      result = run_ab(FLAGS.config, FLAGS.config_b, FLAGS.steps, FLAGS.warmup,
+                      (name, flags.FLAGS['config_b'].config_filename))
+    elif FLAGS.compile_only:
       result = compile_only(FLAGS.config, name)
     else:
       result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name)

@@ -59,3 +59,15 @@ def test_image_models_run_on_mock_data_against_their_reference():
   assert result['batch_size'] == 64 and result['seq_len'] is None
   (r,) = result['rounds']
   assert r['ours_params'] == r['torch_params'] == 62_006  # LeNet-5 for 32x32x3 images, 10 classes
+
+
+def test_config_b_is_compared_in_the_same_process():
+  # B has three layers where A has one: B must come out slower, whatever the machine does.
+  done = benchmark('--config.model.n_layer=1', '--config_b=experiments/gpt_small.py:cpu',
+                   '--config_b.batch_size=32', '--config_b.model.n_layer=3', '--steps=6',
+                   '--warmup=1')
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result['pairs'] == 6 and result['config_b'] == 'experiments/gpt_small.py:cpu'
+  assert result['b_over_a'] > 1.2 and result['b_step_ms'] > result['a_step_ms']
+  assert result['b_faster_share'] < 0.5
