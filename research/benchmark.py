@@ -5,7 +5,8 @@ step), compiles the train step ahead of time, runs --warmup steps, then times --
 one by one (each waited for) on one real batch from the experiment's own pipeline, so the
 figures are the device's speed, not the input pipeline's. The last line printed is one JSON
 object: tokens_per_sec (language models) or examples_per_sec, step_ms (median), compile_s,
-mfu, peak_memory_bytes, params, batch_size, seq_len, device_kind, device_count, config.
+mfu, peak_memory_bytes, params, batch_size, seq_len, vocab_size (GPTs), device_kind,
+device_count, config.
 
 --compile_only compiles the step ahead of time for the configured devices and prints its
 compile time, memory (per device) and XLA's FLOPs per step instead, before a long run.
