@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.eval_every_steps = 250
   c.checkpoint_every_steps = 250
   c.model.dtype = 'auto'  # bfloat16 on GPUs and TPUs, float32 on CPUs
-  # On CPUs, matmuls in Eigen rather than YNNPACK: this model's step 8-13% faster on 2 cores
+  # On CPUs, matmuls in Eigen rather than YNNPACK: this model's step 5-13% faster on 2 cores
   # (BENCHMARKS.md); the nano-sized `:cpu` shapes below were not (it clears this).
   c.parallel.cpu_compiler_options = (
       'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE')
