@@ -56,7 +56,9 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
   averaged before one update (the same update as the whole batch, in less memory).
   concurrent_parts > 1 computes each of those as that many parts, the accumulation loop unrolled
   by as much: independent pieces of one program, which XLA's CPU runtime runs at the same time
-  on different cores (the same update again, in more memory).
+  on different cores (the same update again, in more memory). Both are exact for models without
+  BatchNorm; with it, each micro-batch or part is normalised by its own statistics (as in any
+  gradient accumulation), so the update differs from the whole batch's.
   skip_nonfinite: a step whose loss or gradients are not finite leaves the state unchanged
   (except the step counter) and reports metrics['skipped'] = 1.
   """
