@@ -19,8 +19,8 @@ Measured (one H200, 2026-11-26, bf16, `python -m research.benchmark`): 1.19 s pe
 step, 439k tokens/s, 38% MFU, 46 GB peak memory; nanoGPT's model with torch.compile on the
 same kind of card: 432k tokens/s (BENCHMARKS.md).
 Measured (2-core CPU, 2026-11-26): `:cpu` (2 layers, 128 wide, 462K parameters, 300 steps of
-16 x 128 bytes) takes 21 s, 50k tokens/s, and reaches a validation loss of 2.18 nats per
-byte (uniform: 5.55).
+16 x 128 bytes) takes 25 s for the whole command (47k tokens/s while training) and reaches a
+validation loss of 2.18 nats per byte (uniform: 5.55).
 Several devices: --config.parallel.mesh.fsdp=8 (and .data, .tensor); see README.md.
 """
 from research import config as config_lib

@@ -17,7 +17,7 @@ overfits, as nanoGPT's config warns it will: at step 5000 train loss 0.58, valid
 mean of 200 random batches of it.) The schedule stays nanoGPT's for comparability.
 Activations are bfloat16 on accelerators and float32 on CPUs (`model.dtype='auto'`).
 Measured (2-core CPU, 2026-11-26): `:cpu` with the local copy reaches a validation loss
-of 2.19 nats per character after 500 steps in 46 s (unigram: 3.35).
+of 2.19 nats per character after 500 steps, 64 s for the whole command (unigram: 3.35).
 """
 from research import config as config_lib
 

@@ -157,7 +157,7 @@ def run(config, steps: int, warmup: int, name: str = '') -> dict:
         step_ms=1000 * step_s, compile_s=timed.compile_s, mfu=mfu,
         peak_memory_bytes=peak_memory_bytes(timed.step), params=num_params,
         batch_size=config.batch_size, seq_len=seq_len,
-        vocab_size=config.model.get('vocab_size') if config.model.name == 'gpt' else None,
+        vocab_size=config.model.vocab_size if config.model.name == 'gpt' else None,
         device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
         config=name)
   return result
