@@ -1,16 +1,20 @@
-"""`python -m research.benchmark --against_torch`: ours and the PyTorch reference, alternated.
+"""`python -m research.benchmark`'s comparisons (--against_torch: ours and the PyTorch reference
+alternated; --config_b) and its profile (--profile_dir).
 
 Run as commands: importing research.benchmark here would define its absl flags a second time
 next to research.torch_reference's (tests/test_torch_reference.py) and tune this process's
 malloc for a benchmark (research/hostmem.py).
 """
+import glob
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-pytest.importorskip('torch', reason='the PyTorch reference needs torch')
+needs_torch = pytest.mark.skipif(importlib.util.find_spec('torch') is None,
+                                 reason='the PyTorch reference needs torch')
 
 # gpt_small.py:cpu with one layer instead of two; a batch the 8 test devices and the 2 parts
 # of `cpu_batch_parts` divide.
@@ -22,6 +26,7 @@ def benchmark(*args):
                         capture_output=True, text=True, check=False, timeout=600)
 
 
+@needs_torch
 def test_against_torch_runs_both_with_the_same_overrides():
   # Overrides in all three spellings: =VALUE, a separate VALUE, and a bare boolean.
   done = benchmark('--config.model.n_layer', '1', '--config.model.scan_layers',
@@ -41,6 +46,7 @@ def test_against_torch_runs_both_with_the_same_overrides():
       r['speedup'] for r in result['rounds'])
 
 
+@needs_torch
 def test_a_failing_reference_shows_its_command_and_output():
   done = benchmark('--config.model.n_layer=1', '--steps=1', '--warmup=0', '--against_torch',
                    '--rounds=1', '--torch_args=--no_such_flag')
@@ -48,6 +54,7 @@ def test_a_failing_reference_shows_its_command_and_output():
   assert 'research.torch_reference' in done.stderr and 'no_such_flag' in done.stderr
 
 
+@needs_torch
 def test_image_models_run_on_mock_data_against_their_reference():
   # No CIFAR-10 on disk here: --mock_data stands in for it (TFDS's mock data), in our process.
   done = subprocess.run(
@@ -71,3 +78,28 @@ def test_config_b_is_compared_in_the_same_process():
   assert result['pairs'] == 6 and result['config_b'] == 'experiments/gpt_small.py:cpu'
   assert result['b_over_a'] > 1.2 and result['b_step_ms'] > result['a_step_ms']
   assert result['b_faster_share'] < 0.5
+
+
+def test_profile_prints_where_the_step_time_went(tmp_path):
+  done = benchmark('--config.model.n_layer=2', '--steps=1', '--warmup=1',
+                   f'--profile_dir={tmp_path}')
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert glob.glob(str(tmp_path / 'plugins' / 'profile' / '*' / 'perfetto_trace.json.gz'))
+  out = done.stdout.strip().splitlines()
+  json.loads(out[-1])  # the JSON line stays last
+  header = next(i for i, line in enumerate(out) if line.split() == ['ms/step', 'share', 'ops',
+                                                                     'operation'])
+  rows = [line.split() for line in out[header + 1:-1]]
+  assert 5 <= len(rows) <= 20
+  ms = [float(r[0]) for r in rows]
+  assert ms == sorted(ms, reverse=True) and ms[0] > 0
+  assert sum(float(r[1].rstrip('%')) for r in rows) <= 100.5
+  # Named by the model's JAX operations, the two layers' ops merged (h_0, h_1 -> h_*).
+  names = [r[3] for r in rows]
+  assert any(n.endswith('h_*/c_fc/dot_general') for n in names), names
+  assert not any('h_0' in n or 'h_1' in n for n in names), names
+
+
+def test_profile_is_refused_with_the_comparisons():
+  done = benchmark('--profile_dir=/tmp/unused', '--against_torch')
+  assert done.returncode != 0 and '--profile_dir profiles a plain benchmark run' in done.stderr
