@@ -45,6 +45,7 @@ class Experiment:
   num_classes: int
   flops_per_token: float = 0.0  # language models: training FLOPs per token, for MFU
   peak_flops: float = float('nan')  # of all devices together, for MFU
+  learning_rates: Any = None  # the schedule's value at every step, on the host (for logging)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
@@ -174,8 +175,12 @@ class _Clock:
 
 
 def _fetch_window(exp, step, window) -> dict:
-  """Fetches a window of per-step metrics; stops at a non-finite loss (config.nonfinite=stop)."""
-  values = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *window))
+  """Fetches a window of per-step metrics; stops at a non-finite loss (config.nonfinite=stop).
+
+  Each step's arrays are copied as they are and stacked on the host: stacking them on the
+  device (jnp.stack) would be queued behind the step just dispatched and wait for it.
+  """
+  values = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(window))
   bad = np.flatnonzero(~np.isfinite(values['loss']))
   if len(bad) and exp.config.nonfinite == 'stop':
     first = step - len(window) + 1 + int(bad[0])
@@ -192,7 +197,7 @@ def _write_train(exp, writer, step, window, clock):
   values = _fetch_window(exp, step, window)
   values = {k: float(np.sum(v) if k == 'skipped' else np.nanmean(v)) for k, v in values.items()}
   seconds_per_step = clock.seconds_per_step()
-  values['learning_rate'] = float(exp.schedule(step - 1))
+  values['learning_rate'] = float(exp.learning_rates[step - 1])
   values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
   if exp.flops_per_token:
     values['tokens_per_sec'] = values['examples_per_sec'] * exp.config.data.seq_len
@@ -277,6 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {}
   if start >= config.total_steps:
     writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} steps).')
+  # Evaluated here, once: calling the schedule in the loop would be queued behind the running
+  # step and wait for it.
+  exp.learning_rates = np.asarray(jax.vmap(exp.schedule)(jnp.arange(config.total_steps)))
   train_iter = exp.data.train_batches(start)
   window, pending = [], None  # metrics of the steps since the last write; the window to write
   clock = _Clock()

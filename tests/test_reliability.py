@@ -27,12 +27,16 @@ def launch_args(workdir):
 
 
 def interrupt_at_step_20(workdir, sig):
-  """Starts a run, sends `sig` once it has printed step 20's progress line, waits for it."""
+  """Starts a run, sends `sig` at the first progress line from step 20 on that finds a
+  checkpoint finished (saves are asynchronous and the loop does not wait for them, so step 10's
+  may still be being written at step 20), waits for it."""
   command, env = launch_command(*launch_args(workdir), mock_tfds=True)
   proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
+  checkpoints = os.path.join(workdir, 'checkpoints')
   for line in proc.stdout:
-    if line.startswith('step 20/'):
+    if (line.startswith('step ') and int(line.split()[1].split('/')[0]) >= 20
+        and any(name.isdigit() for name in os.listdir(checkpoints))):  # finished ones only
       proc.send_signal(sig)
       break
   out = proc.stdout.read()

@@ -244,3 +244,31 @@ def test_throughput_of_a_window_written_with_no_step_since_the_last(monkeypatch)
   clock.restart()
   now[0] += 0.001  # the final window, written at once
   assert clock.seconds_per_step() == 0.5
+
+
+def test_metrics_are_written_without_waiting_for_the_step_in_flight(tmp_path):
+  """The last window's metrics are fetched while the next step runs: writing them must not
+  queue work behind that step (jnp.stack of the window, or evaluating the learning-rate
+  schedule with JAX, did, and so waited for it). The step in flight here is seconds of
+  matmuls; the write, which takes milliseconds, must return before they are done."""
+  import types  # pylint: disable=g-import-not-at-top
+  from research import writer as writer_lib  # pylint: disable=g-import-not-at-top
+  window = [{'loss': jax.numpy.float32(i), 'grad_norm': jax.numpy.float32(2 * i)}
+            for i in range(3)]
+  config = cpu_config('mnist_mlp', total_steps=10)
+  exp = types.SimpleNamespace(config=config, learning_rates=np.linspace(1.0, 0.1, 10),
+                              flops_per_token=0.0, ckpt=None)
+  writer = writer_lib.MetricWriter(str(tmp_path))
+  clock = train._Clock()  # pylint: disable=protected-access
+  clock.steps = 3
+  slow = jax.jit(lambda x: jax.lax.fori_loop(0, 400, lambda i, y: jax.numpy.tanh(y @ x), x))
+  x = jax.numpy.eye(1024) * 0.5
+  jax.block_until_ready((slow(x), window))  # compiled, and the window's metrics computed
+  in_flight = slow(x)
+  train._write_train(exp, writer, 3, window, clock)  # pylint: disable=protected-access
+  assert not in_flight.is_ready()  # the write returned while the "step" was still running
+  jax.block_until_ready(in_flight)
+  writer.close()
+  (record,) = read_metrics(tmp_path)
+  assert record['loss'] == 1.0 and record['grad_norm'] == 2.0
+  assert record['learning_rate'] == pytest.approx(np.linspace(1.0, 0.1, 10)[2])
