@@ -4,7 +4,8 @@ The data order is a pure function of (seed, step), so the step stored in the sta
 whole data position: restoring a checkpoint resumes training exactly where it stopped.
 Saves are asynchronous (training continues while the state is written). Orbax writes each
 checkpoint into a temporary folder and renames it when complete, so an interrupted save is
-never listed; a complete checkpoint that fails to load is skipped for the one before it.
+never listed; a complete checkpoint that fails to load is skipped for the one before it and
+moved to WORKDIR/checkpoints_damaged/.
 """
 import os
 import shutil
@@ -34,12 +35,13 @@ def shapes(tree) -> dict[str, tuple]:
   return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(x.shape) for p, x in flat}
 
 
-def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state):
-  """Raises a ValueError naming the first parameter whose shape the config changed."""
+def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state) -> bool:
+  """Raises a ValueError naming the first parameter whose shape the config changed; False if
+  the checkpoint's metadata cannot be read (nothing checked), else True."""
   try:
     saved = shapes(mngr.item_metadata(step))
   except Exception:  # pylint: disable=broad-except  (unreadable metadata: let restore decide)
-    return
+    return False
   wanted = shapes(abstract_state)
   params_first = lambda path: (not path.startswith('params'), path)
   for path in sorted(set(saved) | set(wanted), key=params_first):
@@ -50,31 +52,57 @@ def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state):
           'now. The model (or optimizer) differs from the run that wrote it: restore the '
           'config it was trained with (config.json in the workdir), or use a new --workdir '
           '(config.init_from=OLD_WORKDIR starts from its parameters).')
+  return True
+
+
+def set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> str:
+  """Moves the folders of `steps` from checkpoints/ to checkpoints_damaged/ beside it (kept,
+  not deleted), so that the run can save those steps again; returns that folder."""
+  directory = str(mngr.directory)
+  damaged = os.path.join(os.path.dirname(directory), 'checkpoints_damaged')
+  if jax.process_index() == 0:  # the processes of a multi-host run share the workdir
+    os.makedirs(damaged, exist_ok=True)
+    for step in steps:
+      target = os.path.join(damaged, str(step))
+      suffix = 1
+      while os.path.exists(target):  # damaged at this step before
+        target, suffix = os.path.join(damaged, f'{step}.{suffix}'), suffix + 1
+      shutil.move(os.path.join(directory, str(step)), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('research.checkpoint.set_aside')
+  mngr.reload()
+  return damaged
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
   """Returns (state, step) from the newest checkpoint that loads, or (None, None) if none.
 
   A checkpoint that fails to load (damaged files) is skipped, with a warning, for the one
-  before it; a config that does not fit the checkpoint raises a ValueError instead.
+  before it, and moved to checkpoints_damaged/ (so that the run can write that step again);
+  a config that does not fit the checkpoints raises a ValueError instead.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     return None, None
-  check_compatible(mngr, steps[0], abstract_state)
+  for step in steps:  # the newest checkpoint whose metadata can be read decides
+    if check_compatible(mngr, step, abstract_state):
+      break
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  errors = []
+  errors, failed = [], []
   for step in steps:
     try:
       state = mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # pylint: disable=broad-except
       errors.append(f'{mngr.directory}/{step}: {type(e).__name__}: {str(e)[:300]}')
+      failed.append(step)
       logging.warning('Checkpoint %s/%d could not be loaded (%s); trying the one before it.',
                       mngr.directory, step, e)
       continue
-    if errors:
-      print(f'WARNING: resuming from step {step}: newer checkpoints could not be loaded '
-            f'({"; ".join(errors)}).', flush=True)
+    if failed:
+      damaged = set_aside(mngr, failed)
+      if jax.process_index() == 0:
+        print(f'WARNING: resuming from step {step}: newer checkpoints could not be loaded '
+              f'({"; ".join(errors)}); moved them to {damaged}.', flush=True)
     return state, step
   raise RuntimeError('No checkpoint could be loaded: ' + '; '.join(errors) + '. Move the '
                      'damaged folders out of the checkpoints/ folder to start again.')

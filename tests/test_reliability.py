@@ -106,6 +106,23 @@ def test_partial_and_damaged_checkpoints_are_never_loaded(tmp_path, capsys):
   assert step == 20
   assert 'newer checkpoints could not be loaded' in capsys.readouterr().out
   assert np.all(np.isfinite(params['Dense_0']['kernel']))
+  # The damaged one was kept, out of the way: a relaunch trains steps 21-30 again, saves step
+  # 30 anew (it used to fail there, the damaged step 30 still listed) and evaluates.
+  assert os.listdir(os.path.join(workdir, 'checkpoints_damaged')) == ['30']
+  result = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(result['loss'])
+  assert final_params(config, workdir)[0] == 30
+  assert 'could not be loaded' not in capsys.readouterr().out
+
+
+def test_a_model_change_is_explained_even_when_the_newest_checkpoint_is_damaged(tmp_path):
+  _, workdir = small_run(tmp_path)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '30', 'default'))
+  wider = cpu_config('linear_regression', total_steps=30)
+  wider.model.hidden_sizes = (8,)
+  with pytest.raises(ValueError, match=r'checkpoints/20 does not fit this config'):
+    train.train_and_evaluate(wider, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20', '30']
 
 
 def test_incompatible_model_change_is_explained_and_safe_changes_are_logged(tmp_path, capsys):
