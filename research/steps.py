@@ -59,8 +59,9 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
   on different cores (the same update again, in more memory). Both are exact for models without
   BatchNorm; with it, each micro-batch or part is normalised by its own statistics (as in any
   gradient accumulation), so the update differs from the whole batch's.
-  skip_nonfinite: a step whose loss or gradients are not finite leaves the state unchanged
-  (except the step counter) and reports metrics['skipped'] = 1.
+  skip_nonfinite: a step whose loss, gradients or updated parameters are not finite leaves the
+  state unchanged (except the step counter) and reports metrics['skipped'] = 1. Without it,
+  metrics['finite'] says whether they were (the training loop stops at a 0).
   """
   if loss == 'cross_entropy':
     per_example_loss = lambda out, y: metrics_lib.cross_entropy(out, y, label_smoothing)
@@ -118,8 +119,12 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
-    if skip_nonfinite:
-      ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+    # The parameters too: an update can overflow from a finite loss and finite gradients.
+    ok = (jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+          & jnp.isfinite(optax.tree.norm(params)))
+    if not skip_nonfinite:
+      metrics['finite'] = ok.astype(jnp.float32)
+    else:
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
       model_state = keep(model_state, state.model_state)

@@ -175,18 +175,25 @@ class _Clock:
 
 
 def _fetch_window(exp, step, window) -> dict:
-  """Fetches a window of per-step metrics; stops at a non-finite loss (config.nonfinite=stop).
+  """Fetches a window of per-step metrics; stops at a non-finite step (config.nonfinite=stop).
 
   Each step's arrays are copied as they are and stacked on the host: stacking them on the
   device (jnp.stack) would be queued behind the step just dispatched and wait for it.
   """
   values = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(window))
-  bad = np.flatnonzero(~np.isfinite(values['loss']))
-  if len(bad) and exp.config.nonfinite == 'stop':
-    first = step - len(window) + 1 + int(bad[0])
+  finite = values.pop('finite', None)
+  bad = np.flatnonzero(finite == 0) if finite is not None else []
+  if len(bad):
+    i, latest = int(bad[0]), exp.ckpt.latest_step()
+    first = step - len(window) + 1 + i
+    loss, grad_norm = values['loss'][i], values['grad_norm'][i]
+    what = (f'loss {loss}, gradient norm {grad_norm}' if not np.isfinite([loss, grad_norm]).all()
+            else f'loss {loss} and gradient norm {grad_norm}, but the update made the '
+                 'parameters non-finite')
+    last_good = (f'The last good checkpoint is step {latest} in {exp.ckpt.directory}.'
+                 if latest is not None else 'No checkpoint was saved before it.')
     raise FloatingPointError(
-        f'The training loss is {values["loss"][bad[0]]} at step {first}. The last good '
-        f'checkpoint is step {exp.ckpt.latest_step()} in {exp.ckpt.directory}. Lower '
+        f'Training went non-finite at step {first} ({what}). {last_good} Lower '
         'config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or set '
         'config.nonfinite=skip to skip such updates.')
   return values

@@ -174,13 +174,41 @@ def test_init_from_reads_only_the_parameters_and_names_a_missing_run(tmp_path, m
 def test_nonfinite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
   config = cpu_config('linear_regression', total_steps=200, checkpoint_every_steps=10,
                       log_every_steps=20, eval_every_steps=200)
-  # Plain SGD above its stability limit: the error grows ~6x a step and overflows near step 50.
+  # Plain SGD above its stability limit: the error grows ~6x a step until it overflows.
   config.optimizer.name, config.optimizer.learning_rate = 'sgd', 10.0
   config.optimizer.momentum = 0.0
-  with pytest.raises(FloatingPointError, match=r'loss is (nan|inf) at step \d+\. The last good'):
+  with pytest.raises(FloatingPointError,
+                     match=r'non-finite at step \d+ \(loss .*\)\. The last good'):
     train.train_and_evaluate(config, str(tmp_path))
   step, params = final_params(config, str(tmp_path))  # the newest checkpoint is a good one
   assert step is not None and step > 0
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def overflowing_update(**overrides):
+  """Plain SGD at 1e38 on a slope of 100: step 1's loss and gradients are finite, but its
+  update overflows the parameters to inf."""
+  config = cpu_config('linear_regression', total_steps=5, log_every_steps=1,
+                      checkpoint_every_steps=1, eval_every_steps=5, **overrides)
+  config.optimizer.name, config.optimizer.learning_rate = 'sgd', 1e38
+  config.optimizer.momentum, config.data.slope = 0.0, 100.0
+  return config
+
+
+def test_an_update_that_overflows_the_parameters_is_never_checkpointed(tmp_path):
+  config = overflowing_update()
+  with pytest.raises(FloatingPointError, match=r'non-finite at step 1 \(loss [0-9.e+]+ and '
+                     r'gradient norm [0-9.e+]+, but the update made the parameters non-finite\)'
+                     r'\. No checkpoint was saved before it'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert checkpoint.manager(str(tmp_path), 3, 1).all_steps() == []
+
+
+def test_skip_mode_also_skips_an_update_that_overflows_the_parameters(tmp_path):
+  config = overflowing_update(nonfinite='skip')
+  train.train_and_evaluate(config, str(tmp_path))
+  assert [r['skipped'] for r in read_metrics(tmp_path) if r['split'] == 'train'][0] == 1.0
+  _, params = final_params(config, str(tmp_path))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
