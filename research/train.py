@@ -59,6 +59,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   if config.loss == 'cross_entropy' and not (data.num_classes or data.tokenizer):
     raise ValueError(f'config.loss=cross_entropy needs class labels, but {config.data.name!r} '
                      'has none; use config.loss=mse.')
+  if config.loss == 'mse' and (data.num_classes or data.tokenizer):
+    raise ValueError(f'config.loss=mse needs real-valued targets, but {config.data.name!r} has '
+                     'class labels (or tokens); use config.loss=cross_entropy.')
   num_classes = data.num_classes if config.loss == 'cross_entropy' else 0
   outputs = config.model.get('num_classes', config.model.get('num_outputs'))
   if num_classes and outputs is not None and outputs != num_classes:

@@ -244,6 +244,20 @@ def test_config_errors_name_the_key(tmp_path):
     cpu_config('mnist_cnn', batch_size='sixteen')
   with pytest.raises(ValueError, match='config.nonfinite'):
     train.setup(cpu_config('mnist_cnn', nonfinite='ignore'), str(tmp_path))
+  with pytest.raises(ValueError, match=r'config.loss=mse needs real-valued targets, but '
+                     r"'text' has class labels \(or tokens\); use config.loss=cross_entropy"):
+    train.setup(cpu_config('gpt_small', loss='mse'), str(tmp_path))
+  # Orbax would delete every checkpoint in the workdir with 0; -1 fails deep inside it.
+  for keep in (0, -1):
+    with pytest.raises(ValueError, match=rf'config.keep_checkpoints must be a positive integer, '
+                       rf'got {keep}'):
+      train.setup(cpu_config('linear_regression', keep_checkpoints=keep), str(tmp_path))
+  # These used to fail only after training (max_eval_batches, eval_batch_size) or silently
+  # use 7 of 8 devices (num_devices).
+  for key in ('max_eval_batches', 'eval_batch_size', 'parallel.num_devices'):
+    with pytest.raises(ValueError, match=rf'config.{key} must be 0 \(the default\) or a '
+                       'positive integer, got -1'):
+      train.setup(cpu_config('linear_regression', **{key: -1}), str(tmp_path))
 
 
 def test_missing_experiment_file_is_reported(tmp_path):
