@@ -222,13 +222,30 @@ def _log_config_changes(writer, workdir, config):
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
-  with open(path, encoding='utf-8') as f:
-    old = config_lib.flatten(json.load(f))
+  try:
+    with open(path, encoding='utf-8') as f:
+      old = config_lib.flatten(json.load(f))
+  except (OSError, ValueError) as e:
+    writer.log(f'WARNING: {path} could not be read ({e}); it is written anew once this '
+               "launch's first step has run.")
+    return
   new = config_lib.flatten(json.loads(config.to_json_best_effort()))
   changes = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k)]
   if changes:
     writer.log('config changed since the last launch in this workdir: ' + '; '.join(changes))
+
+
+def _write_run_files(exp, workdir: str):
+  """config.json (what --mode=eval/sample and later launches read) and the tokenizer. Written
+  after a launch's first step, so that a config that fails does not replace the last one that
+  ran; config.json through a temporary file, so that an interrupted write leaves the old one."""
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    f.write(exp.config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  os.replace(path + '.tmp', path)
+  if exp.data.tokenizer is not None:  # sampling later reuses it
+    exp.data.tokenizer.save(os.path.join(workdir, 'tokenizer'))
 
 
 def _check_tokenizer(tokenizer, directory: str, latest_step):
@@ -271,11 +288,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_tokenizer(exp.data.tokenizer, os.path.join(workdir, 'tokenizer'),
                      exp.ckpt.latest_step())
   state, start = _start(exp, writer)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
-    if exp.data.tokenizer is not None:  # sampling later reuses it
-      exp.data.tokenizer.save(os.path.join(workdir, 'tokenizer'))
   params = exp.compiled.get_state(state).params
   num_params = sum(x.size for x in jax.tree.leaves(params))
   if config.model.name == 'gpt':
@@ -308,6 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step == start:  # the one sync outside logging: report the compilation time
         jax.block_until_ready(metrics)
         writer.log(f'first step (compilation included) took {clock.first_step_done():.1f}s')
+        if is_main:  # once this config has compiled and run
+          _write_run_files(exp, workdir)
       else:
         clock.steps += 1
       if pending:  # the last window's metrics, fetched now that the next step is queued

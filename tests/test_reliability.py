@@ -138,6 +138,25 @@ def test_incompatible_model_change_is_explained_and_safe_changes_are_logged(tmp_
   assert 'resuming from step 30' in out
 
 
+def test_config_json_keeps_the_last_config_that_ran_and_a_damaged_one_is_rewritten(tmp_path,
+                                                                                    capsys):
+  config, workdir = small_run(tmp_path)
+  path = os.path.join(workdir, 'config.json')
+  failing = cpu_config('linear_regression', total_steps=40, checkpoint_every_steps=10)
+  failing.parallel.cpu_compiler_options = 'xla_no_such_option=1'  # fails at compilation
+  with pytest.raises(Exception, match='xla_no_such_option'):
+    train.train_and_evaluate(failing, workdir)
+  with open(path, encoding='utf-8') as f:
+    assert json.load(f)['total_steps'] == 30  # the config that ran, for --mode=eval
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write('{"total_steps": 3')  # cut short
+  config.total_steps = 40
+  train.train_and_evaluate(config, workdir)
+  assert 'config.json could not be read' in capsys.readouterr().out
+  with open(path, encoding='utf-8') as f:
+    assert json.load(f)['total_steps'] == 40
+
+
 def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
   _, source = small_run(tmp_path)
   _, trained = final_params(cpu_config('linear_regression'), source)
