@@ -236,6 +236,31 @@ def _log_config_changes(writer, workdir, config):
     writer.log('config changed since the last launch in this workdir: ' + '; '.join(changes))
 
 
+def _evaluate_and_write(exp, writer, workdir: str, step: int, state) -> dict:
+  """Evaluates `state`, writes the result (and, for language models, samples); returns it."""
+  result, confusion = evaluate_state(exp, state)
+  _write_eval(exp, writer, workdir, step, result, confusion)
+  if exp.data.tokenizer is not None and exp.config.sample.max_new_tokens:
+    _write_samples(exp, writer, workdir, step, exp.compiled.get_state(state).params)
+  return result
+
+
+def _eval_written(workdir: str, step: int) -> bool:
+  """Whether metrics.jsonl in `workdir` has an evaluation at `step`."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return False
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:  # a line cut short by a kill
+        continue
+      if record.get('split') == 'eval' and record.get('step') == step:
+        return True
+  return False
+
+
 def _write_run_files(exp, workdir: str):
   """config.json (what --mode=eval/sample and later launches read) and the tokenizer. Written
   after a launch's first step, so that a config that fails does not replace the last one that
@@ -303,7 +328,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              + f'; workdir {workdir}')
   result = {}
   if start >= config.total_steps:
-    writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} steps).')
+    if _eval_written(workdir, start):
+      writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} '
+                 'steps).')
+    else:  # stopped (e.g. preempted) after its last checkpoint, before its last evaluation
+      writer.log(f'The run in {workdir} finished training ({start} of {config.total_steps} '
+                 'steps) but not its evaluation: evaluating now.')
+      result = _evaluate_and_write(exp, writer, workdir, start, state)
   # Evaluated here, once: calling the schedule in the loop would be queued behind the running
   # step and wait for it.
   exp.learning_rates = np.asarray(jax.vmap(exp.schedule)(jnp.arange(config.total_steps)))
@@ -345,10 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    f'with --workdir={workdir} to resume.')
         break
       if is_eval:
-        result, confusion = evaluate_state(exp, state)
-        _write_eval(exp, writer, workdir, done, result, confusion)
-        if exp.data.tokenizer is not None and config.sample.max_new_tokens:
-          _write_samples(exp, writer, workdir, done, exp.compiled.get_state(state).params)
+        result = _evaluate_and_write(exp, writer, workdir, done, state)
         clock.restart()
     _report_tiny_model(writer, exp.compiled.get_state(state).params, num_params)
   finally:

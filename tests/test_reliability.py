@@ -138,6 +138,20 @@ def test_incompatible_model_change_is_explained_and_safe_changes_are_logged(tmp_
   assert 'resuming from step 30' in out
 
 
+def test_a_run_stopped_before_its_final_evaluation_evaluates_when_relaunched(tmp_path):
+  # As when SIGTERM arrives during the last step: its checkpoint saved, its evaluation not run.
+  config, workdir = small_run(tmp_path)
+  path = os.path.join(workdir, 'metrics.jsonl')
+  records = read_metrics(workdir)
+  (final,) = [r for r in records if r['split'] == 'eval']
+  with open(path, 'w', encoding='utf-8') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records if r['split'] != 'eval')
+  result = train.train_and_evaluate(config, workdir)
+  assert result['loss'] == pytest.approx(final['loss'])
+  assert [r['step'] for r in read_metrics(workdir) if r['split'] == 'eval'] == [30]
+  assert train.train_and_evaluate(config, workdir) == {}  # finished and evaluated: nothing
+
+
 def test_config_json_keeps_the_last_config_that_ran_and_a_damaged_one_is_rewritten(tmp_path,
                                                                                     capsys):
   config, workdir = small_run(tmp_path)
