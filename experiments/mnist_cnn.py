@@ -1,7 +1,7 @@
 """MNIST with the small Keras-example CNN (conv 32-64-64, dense 64), Adam, batch 64, 5 epochs.
 
   python launch.py --config=experiments/mnist_cnn.py
-  python launch.py --config=experiments/mnist_cnn.py:cpu     # ~1 minute on a 2-core CPU
+  python launch.py --config=experiments/mnist_cnn.py:cpu     # seconds on a 2-core CPU
 
 Data: TFDS `mnist`, downloaded and prepared on first use (needs network once).
 Full run: not measured yet in this repository (the Keras example reports about 99% test

@@ -108,13 +108,16 @@ def sample_text(model, params, tokenizer, sample_config, rng,
                 stream: Callable[[str], None] | None = None) -> str:
   """Text continuing `sample_config.prompt` (temperature, top_k and top_p from the config).
 
-  `stream(piece)` receives the text as it is produced (whole characters only).
+  `stream(piece)` receives the text as it is produced (whole characters only). All
+  `max_new_tokens` are produced, however many that is: when the context (block_size) is full,
+  sampling goes on from its last block_size // 2 tokens (the cache rebuilt from them), as
+  nanoGPT's sampling crops its context to the newest tokens. A prompt longer than the context
+  keeps its end.
   """
   prompt = tokenizer.encode(sample_config.prompt)
   if not len(prompt):
     prompt = np.array([tokenizer.eot_id], np.int32)  # start a new document
-  prompt = prompt[-(model.block_size - 1):]
-  max_new = min(sample_config.max_new_tokens, model.block_size - len(prompt))
+  context = prompt[-(model.block_size - 1):]
   produced, shown = [], ['']
 
   def on_token(token):
@@ -124,10 +127,16 @@ def sample_text(model, params, tokenizer, sample_config, rng,
       stream(text[len(shown[0]):])
       shown[0] = text
 
-  new = generate(model, params, prompt, max_new_tokens=max_new, rng=rng,
-                 temperature=sample_config.temperature, top_k=sample_config.top_k or None,
-                 top_p=sample_config.top_p or None, callback=on_token if stream else None)
-  return tokenizer.decode(new)
+  remaining, segment = sample_config.max_new_tokens, 0
+  while remaining > 0:
+    count = min(remaining, model.block_size - len(context))
+    segment_rng = rng if segment == 0 or rng is None else jax.random.fold_in(rng, segment)
+    new = generate(model, params, context, max_new_tokens=count, rng=segment_rng,
+                   temperature=sample_config.temperature, top_k=sample_config.top_k or None,
+                   top_p=sample_config.top_p or None, callback=on_token)
+    context = np.concatenate([context, new])[-(model.block_size // 2):]
+    remaining, segment = remaining - count, segment + 1
+  return tokenizer.decode(produced)
 
 
 def load_trained(workdir: str):

@@ -16,5 +16,6 @@ SHARED_DATA = ROOT.parent / 'shared' / 'data'
 def shared_data() -> pathlib.Path:
   """../shared/data (real MNIST test set, tiny-shakespeare); skips when it is absent."""
   if not (SHARED_DATA / 't10k-images-idx3-ubyte.gz').exists():
-    pytest.skip(f'real data folder {SHARED_DATA} is absent (see DEVELOPERS.md: ../shared/data)')
+    pytest.skip(f'real data folder {SHARED_DATA} is absent (the project\'s machines keep the '
+                'real MNIST test set and tiny-shakespeare there; see README.md)')
   return SHARED_DATA

@@ -73,3 +73,31 @@ def test_too_long_request_raises(params):
     sample.generate(MODEL, params, PROMPT, max_new_tokens=13, temperature=0)
   with pytest.raises(ValueError, match='rng'):
     sample.generate(MODEL, params, PROMPT, max_new_tokens=2)
+
+
+def test_sample_text_goes_on_past_the_context(params):
+  """max_new_tokens beyond block_size (16) are all produced, continuing from the newest half of
+  the context; the first tokens are generate's own, and the rest follow from that half."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from research.data import tokenizers  # pylint: disable=g-import-not-at-top
+  class Recording(tokenizers.ByteTokenizer):
+    def decode(self, ids):
+      self.last = list(ids)  # the last call decodes all the new tokens
+      return super().decode(ids)
+
+  tokenizer = Recording()
+  model = GPT(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32)
+  weights = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))['params'])
+  settings = ml_collections.ConfigDict(dict(prompt='abc', max_new_tokens=40, temperature=0.0,
+                                            top_k=0, top_p=0.0))
+  streamed = []
+  text = sample.sample_text(model, weights, tokenizer, settings, None, stream=streamed.append)
+  ids = tokenizer.last
+  assert len(ids) == 40 and text.startswith(''.join(streamed))
+  prompt = tokenizer.encode('abc')
+  first = sample.generate(model, weights, prompt, max_new_tokens=13, temperature=0)
+  np.testing.assert_array_equal(ids[:13], first)
+  # After the first 13 (3 + 13 = 16 tokens), the next come from the last 8 tokens alone.
+  again = sample.generate(model, weights, np.concatenate([prompt, first])[-8:],
+                          max_new_tokens=8, temperature=0)
+  np.testing.assert_array_equal(ids[13:21], again)
