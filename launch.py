@@ -104,7 +104,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from research import train  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)
   from research.data.image import DataError  # pylint: disable=g-import-not-at-top
-  if FLAGS.config is None and (FLAGS.mode == 'train' or not FLAGS.workdir):
+  if FLAGS.mode != 'train' and not FLAGS.workdir:  # a new run folder would hold no checkpoint
+    raise app.UsageError(f'--mode={FLAGS.mode} needs the --workdir of a trained run.')
+  if FLAGS.config is None and FLAGS.mode == 'train':
     raise app.UsageError('--config=experiments/X.py is required (eval and sample can use '
                          '--workdir alone).')
   workdir = FLAGS.workdir or default_workdir()
@@ -119,5 +121,21 @@ def main(argv):
     sys.exit(f'DataError: {e}')
 
 
+def parse_flags(argv):
+  """absl's parsing, with a --config.KEY override of a key the experiment lacks explained
+  (ml_collections raises a bare AttributeError or KeyError for it, deep in a traceback)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    while e.args and isinstance(e.args[0], (AttributeError, KeyError)):
+      e = e.args[0]  # ml_collections wraps the KeyError in an AttributeError
+    key = str(e.args[0] if e.args else e).strip('\'"').replace("'\n", ' (').rstrip('?')
+    key += ')' if ' (' in key else ''
+    sys.exit(f'FATAL Flags parsing error: a --config override names a key the experiment '
+             f'does not have: {key}. An override can only change keys the experiment file '
+             "sets (research/config.py lists the common ones; a model's fields are in its "
+             'module).')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

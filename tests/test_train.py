@@ -201,8 +201,26 @@ def test_launch_rejects_an_unknown_override(tmp_path):
   result = run_launch('--config=experiments/mnist_cnn.py:cpu', f'--workdir={tmp_path}',
                       '--config.optimizer.learning_rte=0.1')
   assert result.returncode != 0
-  assert 'learning_rte' in result.stderr
+  assert 'learning_rte' in result.stderr and 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
+  # A key of another model (the CNN has no dropout_rate): named, no traceback.
+  result = run_launch('--config=experiments/mnist_cnn.py:cpu', f'--workdir={tmp_path}',
+                      '--config.model.dropout_rate=0.1')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert ('a --config override names a key the experiment does not have: dropout_rate'
+          in result.stderr)
+
+
+@pytest.mark.parametrize('mode', ['eval', 'sample'])
+def test_eval_and_sample_need_the_workdir_of_a_run(tmp_path, mode):
+  # Run from an empty folder, where a default workdir (runs/...) would appear.
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'),
+       f'--config={os.path.join(ROOT, "experiments", "linear_regression.py")}:cpu',
+       f'--mode={mode}'], cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300)
+  assert result.returncode == 1
+  assert f'--mode={mode} needs the --workdir of a trained run' in result.stderr
+  assert not os.listdir(tmp_path)  # no new run folder left behind
 
 
 @pytest.mark.parametrize('mode, flag', [('train', '--seed=3'), ('eval', '--temperature=0.5'),
