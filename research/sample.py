@@ -133,7 +133,9 @@ def sample_text(model, params, tokenizer, sample_config, rng,
     segment_rng = rng if segment == 0 or rng is None else jax.random.fold_in(rng, segment)
     new = generate(model, params, context, max_new_tokens=count, rng=segment_rng,
                    temperature=sample_config.temperature, top_k=sample_config.top_k or None,
-                   top_p=sample_config.top_p or None, callback=on_token)
+                   top_p=sample_config.top_p or None, callback=on_token if stream else None)
+    if stream is None:  # without a callback generate does not wait for each token
+      produced.extend(int(token) for token in new)
     context = np.concatenate([context, new])[-(model.block_size // 2):]
     remaining, segment = remaining - count, segment + 1
   return tokenizer.decode(produced)

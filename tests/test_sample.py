@@ -101,3 +101,4 @@ def test_sample_text_goes_on_past_the_context(params):
   again = sample.generate(model, weights, np.concatenate([prompt, first])[-8:],
                           max_new_tokens=8, temperature=0)
   np.testing.assert_array_equal(ids[13:21], again)
+  assert sample.sample_text(model, weights, tokenizer, settings, None) == text  # not streamed
