@@ -149,7 +149,8 @@ def prepare_tfds(name: str, data_dir: str | None, download: bool, cause: Excepti
          f'    tfds build {name} --file_format=array_record --data_dir=DIR\n'
          f'(TensorFlow, installed by requirements.txt, is needed to prepare most datasets), '
          f'copy DIR here and pass --config.data.data_dir=DIR (or set TFDS_DATA_DIR).')
-  where = f'{builder.data_dir} (config.data.data_dir={data_dir!r})'
+  where = builder.data_dir + (f' (config.data.data_dir={data_dir!r})' if data_dir else
+                               " (config.data.data_dir='': TFDS's default)")
   if builder.is_prepared():
     detail = f' ({type(cause).__name__}: {str(cause)[:300]})' if cause is not None else ''
     raise DataError(f'TFDS dataset {name!r} in {where} cannot be read by index{detail}. '
