@@ -18,6 +18,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from research import cli
+
 config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs (default: runs/NAME-TIME).')
@@ -121,21 +123,5 @@ def main(argv):
     sys.exit(f'DataError: {e}')
 
 
-def parse_flags(argv):
-  """absl's parsing, with a --config.KEY override of a key the experiment lacks explained
-  (ml_collections raises a bare AttributeError or KeyError for it, deep in a traceback)."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    while e.args and isinstance(e.args[0], (AttributeError, KeyError)):
-      e = e.args[0]  # ml_collections wraps the KeyError in an AttributeError
-    key = str(e.args[0] if e.args else e).strip('\'"').replace("'\n", ' (').rstrip('?')
-    key += ')' if ' (' in key else ''
-    sys.exit(f'FATAL Flags parsing error: a --config override names a key the experiment '
-             f'does not have: {key}. An override can only change keys the experiment file '
-             "sets (research/config.py lists the common ones; a model's fields are in its "
-             'module).')
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

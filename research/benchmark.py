@@ -61,6 +61,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+from research import cli
 from research import metrics as metrics_lib
 from research import train
 from research.models import transformer
@@ -338,4 +339,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from research import cli
 from research.models import transformer
 
 config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].')
@@ -167,4 +168,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -103,3 +103,10 @@ def test_profile_prints_where_the_step_time_went(tmp_path):
 def test_profile_is_refused_with_the_comparisons():
   done = benchmark('--profile_dir=/tmp/unused', '--against_torch')
   assert done.returncode != 0 and '--profile_dir profiles a plain benchmark run' in done.stderr
+
+
+def test_an_override_of_a_key_the_experiment_lacks_is_named():
+  done = benchmark('--config.model.dropoutrate=0.1')  # shared with launch.py (research/cli.py)
+  assert done.returncode != 0 and 'Traceback' not in done.stderr
+  assert ('a --config override names a key the experiment does not have: dropoutrate (Did you '
+          'mean "dropout_rate"') in done.stderr
