@@ -102,6 +102,28 @@ def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh,
     if parts > 1:
       names, sizes = names + ' x config.parallel.cpu_batch_parts', sizes + f' x {parts}'
     raise ValueError(f'config.batch_size={batch_size} must be divisible by {names} = {sizes}.')
+  check_process_rows(mesh, batch_size)
+
+
+def check_process_rows(mesh: Mesh, batch_size: int, process_of=lambda d: d.process_index):
+  """Each process loads its own B/P rows of every global batch (research/data), which
+  `put_batch` places on that process's devices; fails unless the mesh gives each process B/P
+  rows that no other process holds, since otherwise the global batch would be assembled wrongly
+  without any error (e.g. 2 processes with mesh data=1, tensor=-1: every device holds the
+  whole batch). Which rows a process gets does not matter (the batch is only permuted)."""
+  owners = {}
+  for device, (rows,) in NamedSharding(mesh, P(BATCH)).devices_indices_map(
+      (batch_size,)).items():
+    owners.setdefault(process_of(device), set()).update(range(*rows.indices(batch_size)))
+  count = len(owners)
+  if count == 1:
+    return
+  if any(len(rows) != batch_size // count for rows in owners.values()):  # shared or uneven
+    raise ValueError(
+        f'config.parallel.mesh={dict(mesh.shape)} does not give each of the {count} '
+        "processes its own rows of the batch (each loads only its share): make data x fsdp a "
+        f'multiple of {count} and tensor a divisor of the devices per process, so that '
+        'tensor parallelism stays within a process.')
 
 
 def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:

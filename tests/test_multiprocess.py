@@ -99,3 +99,16 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert 20 <= stopped < 2000
   from research import checkpoint  # pylint: disable=g-import-not-at-top
   assert checkpoint.manager(workdir, 3, 1000).all_steps() == [stopped]
+
+
+def test_a_mesh_that_splits_no_rows_over_processes_is_refused(tmp_path):
+  # data=1: every device would hold the whole batch, but each process loads only its half.
+  procs = start_processes(*ARGS, '--config.parallel.mesh.data=1',
+                          '--config.parallel.mesh.tensor=-1', f'--workdir={tmp_path / "run"}')
+  for p in procs:
+    p.communicate(timeout=300)
+    p.stderr_file.seek(0)
+    errors = p.stderr_file.read()
+    assert p.returncode != 0
+    assert 'does not give each of the 2 processes its own rows of the batch' in errors, errors[-2000:]
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')

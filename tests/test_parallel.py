@@ -80,6 +80,24 @@ def test_gpt_agrees_under_data_fsdp_and_tensor_parallelism(tmp_path):
                  state.params, ref_state.params)
 
 
+@pytest.mark.parametrize('shape, order, ok', [
+    ((8, 1, 1), range(8), True), ((2, 2, 2), range(8), True), ((1, 2, 4), range(8), True),
+    ((8, 1, 1), (0, 4, 1, 5, 2, 6, 3, 7), True),    # rows interleaved: the batch permuted
+    ((1, 1, 8), range(8), False),                   # every device holds the whole batch
+    ((2, 1, 4), (0, 1, 4, 5, 2, 3, 6, 7), False)])  # each half of it on both processes
+def test_each_process_must_own_its_rows_of_the_batch(shape, order, ok):
+  """The 8 test devices as 2 processes of 4 (device ids 0-3 and 4-7). Tensor parallelism across
+  processes would have a process hold rows it never loaded."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices())[list(order)].reshape(shape), parallel.AXES)
+  check = lambda: parallel.check_process_rows(mesh, 32, process_of=lambda d: d.id // 4)
+  if ok:
+    check()
+  else:
+    with pytest.raises(ValueError, match='does not give each of the 2 processes its own rows'):
+      check()
+  parallel.check_process_rows(mesh, 32)  # one process: anything goes
+
+
 def test_micro_batches_are_split_where_the_batch_already_is(tmp_path):
   """With the batch split over 8 devices and 2 micro-batches, each device computes its share of
   every micro-batch from its own rows: the compiled step's only collective is the gradients'
