@@ -259,3 +259,12 @@ def test_examples_of_different_shapes_are_a_clear_error():
     image.train_batches(source, batch_size=2, seed=0)[0]
   with pytest.raises(image.DataError, match='different shapes'):
     image.eval_batches(source, batch_size=2)[0]
+
+
+def test_synthetic_linear_splits_take_slices_and_unknown_ones_are_named():
+  whole = image.synthetic_linear_source('test', 1000, 2.0, 0.0, 0.01, seed=0)
+  part = image.synthetic_linear_source('test[:100]', 1000, 2.0, 0.0, 0.01, seed=0)
+  assert len(whole) == 1000 and len(part) == 100
+  np.testing.assert_array_equal(part[7]['inputs'], whole[7]['inputs'])
+  with pytest.raises(image.DataError, match="splits train and test, not 'validation'"):
+    image.synthetic_linear_source('validation', 1000, 2.0, 0.0, 0.01, seed=0)

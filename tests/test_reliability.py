@@ -268,6 +268,8 @@ def test_unwritable_and_full_workdirs_fail_early(tmp_path, monkeypatch):
 
 
 def test_config_errors_name_the_key(tmp_path):
+  with pytest.raises(ValueError, match=r'config\.model\.n_head must be a positive integer, got 0'):
+    train.setup(cpu_config('gpt_small', **{'model.n_head': 0}), str(tmp_path))  # was % by zero
   with pytest.raises(ValueError, match=r'n_embd=128 must be divisible by config\.model\.n_head=3'):
     train.setup(cpu_config('gpt_small', **{'model.n_head': 3}), str(tmp_path))
   with pytest.raises(ValueError, match=r'seq_len=512 is longer than .*block_size=128'):

@@ -60,6 +60,9 @@ def test_bpe_round_trip_on_shakespeare_and_unseen_characters(shakespeare):
   # Characters never seen in training round-trip through byte fallback.
   assert tok.decode(tok.encode(UNICODE)) == UNICODE
   assert tok.decode(tok.encode('<|endoftext|>')) == '<|endoftext|>'  # plain text, not EOT.
+  # SentencePiece's own space mark, U+2581, as text: not turned into a space.
+  for text in ('snow\u2581man', '\u2581', 'a \u2581 b\u2581\u2581', '\u2581start'):
+    assert tok.decode(tok.encode(text)) == text
   assert tok.decode([*tok.encode('a'), tok.eot_id, *tok.encode('b')]) == 'a<|endoftext|>b'
 
 

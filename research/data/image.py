@@ -121,11 +121,16 @@ def idx_source(path: str, split: str) -> _ArraySource:
 
 def synthetic_linear_source(split: str, num_examples: int, slope: float, intercept: float,
                             noise: float, seed: int) -> _ArraySource:
-  """y = slope * x + intercept + noise * N(0, 1), x ~ U(-1, 1); train and test differ by seed."""
-  rng = np.random.default_rng([seed, {'train': 0, 'test': 1}[_split_slice(split)[0]]])
+  """y = slope * x + intercept + noise * N(0, 1), x ~ U(-1, 1); train and test differ by seed.
+  `num_examples` per split, of which a split like 'test[:100]' takes a slice."""
+  name, part = _split_slice(split)
+  if name not in ('train', 'test'):
+    raise DataError(f'The synthetic linear data has splits train and test, not {name!r} '
+                    '(config.data.train_split / eval_split).')
+  rng = np.random.default_rng([seed, {'train': 0, 'test': 1}[name]])
   x = rng.uniform(-1, 1, size=(num_examples, 1)).astype(np.float32)
   y = (slope * x + intercept + noise * rng.standard_normal(x.shape)).astype(np.float32)
-  return _ArraySource(x, y)
+  return _ArraySource(x[part], y[part])
 
 
 def _network_reachable(host='storage.googleapis.com', port=443, timeout=3.0) -> bool:

@@ -121,9 +121,18 @@ class BpeTokenizer(Tokenizer):
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._sp.vocab_size()
     self.eot_id = self._sp.eos_id()
+    # SentencePiece writes spaces as U+2581 inside, so a U+2581 in the text would come back as
+    # a space: it is encoded as its three UTF-8 byte pieces instead.
+    self._u2581 = [self._sp.piece_to_id(f'<0x{b:02X}>') for b in '\u2581'.encode()]
 
   def _encode(self, text):
-    return self._sp.encode(text)
+    if '\u2581' not in text:
+      return self._sp.encode(text)
+    ids = []
+    for i, part in enumerate(text.split('\u2581')):
+      ids.extend(self._u2581 if i else [])
+      ids.extend(self._sp.encode(part))
+    return ids
 
   def _decode(self, ids):
     return self._sp.decode([i for i in ids if 0 <= i < self.vocab_size])

@@ -284,6 +284,10 @@ class GPT(nn.Module):
   def check_fields(cls, fields: dict):
     """Config validation before anything is built (see research/models/__init__.py)."""
     n_embd, n_head = fields.get('n_embd', cls.n_embd), fields.get('n_head', cls.n_head)
+    for key in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'):
+      value = fields.get(key, getattr(cls, key))
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f'config.model.{key} must be a positive integer, got {value!r}.')
     if n_embd % n_head:
       raise ValueError(f'config.model.n_embd={n_embd} must be divisible by '
                        f'config.model.n_head={n_head}.')
