@@ -95,6 +95,8 @@ def main(argv):
         raise app.UsageError(
             f'--{name} is only used with --mode=sample, not --mode={FLAGS.mode}'
             + (' (the training seed is --config.seed).' if name == 'seed' else '.'))
+  if FLAGS.mode != 'train' and not FLAGS.workdir:  # a new run folder would hold no checkpoint
+    raise app.UsageError(f'--mode={FLAGS.mode} needs the --workdir of a trained run.')
   initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   # A relaunch (resume, eval, a changed learning rate) reuses compiled steps from this cache.
@@ -106,8 +108,6 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from research import train  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)
   from research.data.image import DataError  # pylint: disable=g-import-not-at-top
-  if FLAGS.mode != 'train' and not FLAGS.workdir:  # a new run folder would hold no checkpoint
-    raise app.UsageError(f'--mode={FLAGS.mode} needs the --workdir of a trained run.')
   if FLAGS.config is None and FLAGS.mode == 'train':
     raise app.UsageError('--config=experiments/X.py is required (eval and sample can use '
                          '--workdir alone).')

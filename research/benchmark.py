@@ -28,8 +28,9 @@ A machine whose speed drifts moves both sides of a pair alike, so this resolves 
 --profile_dir=DIR traces 3 more steps after the timed ones with `jax.profiler` into DIR (open it
 with TensorBoard's profile plugin / XProf, or DIR/plugins/profile/*/perfetto_trace.json.gz at
 ui.perfetto.dev) and prints, before the JSON, where their time went: the compiled step's
-operations grouped by the JAX operation they came from (XLA's `op_name` metadata, numbered
-layers merged: h_0 ... h_11 -> h_*), milliseconds per step summed over the threads or streams
+operations grouped by the JAX operation they came from (XLA's `op_name` metadata, with every
+numbered name merged: h_0 ... h_11 -> h_*, and also ln_1, ln_2 -> ln_*, Conv_0, Conv_1 ->
+Conv_*), milliseconds per step summed over the threads or streams
 that ran them. On CPUs, matmuls that XLA hands to Eigen's own thread pool are missing from
 the trace (BENCHMARKS.md). On accelerators the device's op events are counted (written for
 them, but so far run on CPUs only).
@@ -193,7 +194,7 @@ def profile_summary(trace_dir: str, hlo_text: str, steps: int, top: int = 20):
     hlo_op = e['args']['hlo_op']
     name = op_names.get(hlo_op) or re.sub(r'\.\d+$', '', hlo_op)
     name = re.sub(r'^jit\([^)]*\)/(closed_call/)?', '', name)
-    name = re.sub(r'(?<=_)\d+(?=/|$)', '*', name)  # h_0 ... h_11 -> h_*
+    name = re.sub(r'(?<=_)\d+(?=/|$)', '*', name)  # h_0 ... h_11 -> h_*, ln_1 -> ln_*
     micros[name] += e['dur']
     counts[name] += 1
   total = sum(micros.values()) or 1

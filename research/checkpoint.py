@@ -88,7 +88,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     if check_compatible(mngr, step, abstract_state):
       break
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  errors, failed = [], []
+  errors, failed, state, restored = [], [], None, None
   for step in steps:
     try:
       state = mngr.restore(step, args=ocp.args.StandardRestore(target))
@@ -98,14 +98,24 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
       logging.warning('Checkpoint %s/%d could not be loaded (%s); trying the one before it.',
                       mngr.directory, step, e)
       continue
-    if failed:
-      damaged = set_aside(mngr, failed)
-      if jax.process_index() == 0:
-        print(f'WARNING: resuming from step {step}: newer checkpoints could not be loaded '
-              f'({"; ".join(errors)}); moved them to {damaged}.', flush=True)
-    return state, step
-  raise RuntimeError('No checkpoint could be loaded: ' + '; '.join(errors) + '. Move the '
-                     'damaged folders out of the checkpoints/ folder to start again.')
+    restored = step
+    break
+  if jax.process_count() > 1:  # all must resume from the same step
+    everyone = multihost_utils.process_allgather(np.int32(-1 if restored is None else restored))
+    if len(set(np.asarray(everyone).tolist())) > 1:
+      raise RuntimeError(
+          f'The processes loaded different checkpoints of {mngr.directory} (steps '
+          f'{np.asarray(everyone).tolist()}, -1: none): some could not read a checkpoint the '
+          'others could. Relaunch; if it happens again, move the newest step folder out.')
+  if restored is None:
+    raise RuntimeError('No checkpoint could be loaded: ' + '; '.join(errors) + '. Move the '
+                       'damaged folders out of the checkpoints/ folder to start again.')
+  if failed:
+    damaged = set_aside(mngr, failed)
+    if jax.process_index() == 0:
+      print(f'WARNING: resuming from step {restored}: newer checkpoints could not be loaded '
+            f'({"; ".join(errors)}); moved them to {damaged}.', flush=True)
+  return state, restored
 
 
 def checkpoints_dir(workdir: str) -> str:

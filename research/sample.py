@@ -114,6 +114,9 @@ def sample_text(model, params, tokenizer, sample_config, rng,
   nanoGPT's sampling crops its context to the newest tokens. A prompt longer than the context
   keeps its end.
   """
+  if model.block_size < 2:
+    raise ValueError(f'Sampling needs config.model.block_size >= 2 (a token to condition on and '
+                     f'one to predict); it is {model.block_size}.')
   prompt = tokenizer.encode(sample_config.prompt)
   if not len(prompt):
     prompt = np.array([tokenizer.eot_id], np.int32)  # start a new document

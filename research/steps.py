@@ -119,9 +119,10 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
-    # The parameters too: an update can overflow from a finite loss and finite gradients.
-    ok = (jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
-          & jnp.isfinite(optax.tree.norm(params)))
+    # The parameters too: an update can overflow them from a finite loss and gradients. Leaf by
+    # leaf (a norm of large finite parameters could itself overflow).
+    params_finite = jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]).all()
+    ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm']) & params_finite
     if not skip_nonfinite:
       metrics['finite'] = ok.astype(jnp.float32)
     else:

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -45,7 +46,7 @@ class Experiment:
   num_classes: int
   flops_per_token: float = 0.0  # language models: training FLOPs per token, for MFU
   peak_flops: float = float('nan')  # of all devices together, for MFU
-  learning_rates: Any = None  # the schedule's value at every step, on the host (for logging)
+  learning_rates: Any = None  # step -> the schedule's value, on the host (for logging)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
@@ -148,6 +149,23 @@ def _write_samples(exp, writer, workdir, step, params):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'samples.txt'), 'a', encoding='utf-8') as f:
       f.write(f'=== step {step}\n{exp.config.sample.prompt}{text}\n')
+
+
+class _LearningRates:
+  """The schedule's values on the host, evaluated a block of steps at a time: evaluating it at
+  each logged step is device work that is queued behind the running step and waits for it, so
+  this way that happens once per block (the first block before the loop)."""
+  BLOCK = 1 << 16
+
+  def __init__(self, schedule):
+    self.schedule, self.start, self.values = schedule, None, None
+
+  def __getitem__(self, step: int) -> float:
+    start = step // self.BLOCK * self.BLOCK
+    if start != self.start:
+      self.values = np.asarray(jax.vmap(self.schedule)(jnp.arange(start, start + self.BLOCK)))
+      self.start = start
+    return float(self.values[step - start])
 
 
 class _Clock:
@@ -328,16 +346,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              + f'; workdir {workdir}')
   result = {}
   if start >= config.total_steps:
-    if _eval_written(workdir, start):
+    # Process 0's answer for all: the evaluation spans every process.
+    written = _eval_written(workdir, start) if is_main else False
+    if jax.process_count() > 1:
+      written = bool(multihost_utils.broadcast_one_to_all(np.int32(written)))
+    if written:
       writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} '
                  'steps).')
     else:  # stopped (e.g. preempted) after its last checkpoint, before its last evaluation
       writer.log(f'The run in {workdir} finished training ({start} of {config.total_steps} '
                  'steps) but not its evaluation: evaluating now.')
       result = _evaluate_and_write(exp, writer, workdir, start, state)
-  # Evaluated here, once: calling the schedule in the loop would be queued behind the running
-  # step and wait for it.
-  exp.learning_rates = np.asarray(jax.vmap(exp.schedule)(jnp.arange(config.total_steps)))
+  exp.learning_rates = _LearningRates(exp.schedule)
+  exp.learning_rates[start]  # pylint: disable=pointless-statement  (evaluated before the loop)
   train_iter = exp.data.train_batches(start)
   window, pending = [], None  # metrics of the steps since the last write; the window to write
   clock = _Clock()

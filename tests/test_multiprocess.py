@@ -99,6 +99,14 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert 20 <= stopped < 2000
   from research import checkpoint  # pylint: disable=g-import-not-at-top
   assert checkpoint.manager(workdir, 3, 1000).all_steps() == [stopped]
+  # Both relaunched: they agree on the step to resume from (process_allgather) and finish; a
+  # third launch finds the run finished and evaluated (process 0's answer, broadcast).
+  end = stopped + 40
+  short = [f'--config.total_steps={end}', '--config.eval_every_steps=2000']
+  outs = wait_all(start_processes(*ARGS, *short, f'--workdir={workdir}'))
+  assert f'resuming from step {stopped}' in outs[0] and f'eval at step {end}' in outs[0]
+  outs = wait_all(start_processes(*ARGS, *short, f'--workdir={workdir}'))
+  assert f'already finished ({end} of {end} steps)' in outs[0] and 'eval at' not in outs[0]
 
 
 def test_a_mesh_that_splits_no_rows_over_processes_is_refused(tmp_path):

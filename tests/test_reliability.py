@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from research import checkpoint
+from research import config as config_lib
+from research import optim
 from research import train
 from tests.conftest import ROOT
 from tests.test_train import cpu_config, final_params, launch_command, read_metrics, run_launch
@@ -348,3 +350,14 @@ def test_workdir_check_of_processes_sharing_a_workdir_does_not_collide(tmp_path)
     w.join(60)
   assert [w.exitcode for w in workers] == [0, 0, 0, 0]
   assert not list(tmp_path.iterdir())  # every probe removed
+
+
+def test_the_logged_learning_rate_is_the_schedule_at_each_windows_last_step(tmp_path):
+  config, workdir = small_run(tmp_path, **{'optimizer.schedule': 'warmup_cosine',
+                                           'optimizer.warmup_steps': 5})
+  schedule = optim.make_schedule(config_lib.resolve(config).optimizer, 30)
+  logged = {r['step']: r['learning_rate'] for r in read_metrics(workdir) if r['split'] == 'train'}
+  assert sorted(logged) == [10, 20, 30]
+  for step, value in logged.items():
+    assert value == pytest.approx(float(schedule(step - 1)), rel=1e-6)
+  assert len(set(logged.values())) == 3  # a schedule that moves, not a constant

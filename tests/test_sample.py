@@ -102,3 +102,13 @@ def test_sample_text_goes_on_past_the_context(params):
                           max_new_tokens=8, temperature=0)
   np.testing.assert_array_equal(ids[13:21], again)
   assert sample.sample_text(model, weights, tokenizer, settings, None) == text  # not streamed
+
+
+def test_sample_text_needs_a_context_of_two_tokens():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from research.data import tokenizers  # pylint: disable=g-import-not-at-top
+  model = GPT(vocab_size=257, block_size=1, n_layer=1, n_head=1, n_embd=8)
+  settings = ml_collections.ConfigDict(dict(prompt='a', max_new_tokens=3, temperature=0.0,
+                                            top_k=0, top_p=0.0))
+  with pytest.raises(ValueError, match='block_size >= 2'):  # it looped forever
+    sample.sample_text(model, None, tokenizers.ByteTokenizer(), settings, None)
