@@ -14,8 +14,9 @@ Reference: nanoGPT reports a best validation loss of 1.4697 (A100).
 Ours (one H200, 2026-11-26, bfloat16 activations, the local copy, 4 minutes):
 best validation loss 1.4508 at step 1250 (1.463 at 1000, 1.453 at 1500); after that the model
 overfits, as nanoGPT's config warns it will: at step 5000 train loss 0.58, validation 2.04.
-(Our validation loss is over the first 98k characters of the held-out 10%; nanoGPT's is the
-mean of 200 random batches of it.) The schedule stays nanoGPT's for comparability.
+(That validation loss was over the first 98k characters of the held-out 10%, in whole
+batches of windows; the evaluation now covers all 111k, the last batch masked. nanoGPT's is
+the mean of 200 random batches of it.) The schedule stays nanoGPT's for comparability.
 Activations are bfloat16 on accelerators and float32 on CPUs (`model.dtype='auto'`).
 Measured (2-core CPU, 2026-11-26): `:cpu` with the local copy reaches a validation loss
 of 2.19 nats per character after 500 steps, 64 s for the whole command (unigram: 3.35).

@@ -96,3 +96,18 @@ def test_gpt_small_full_config_is_gpt2_small():
   assert config.batch_size * config.data.seq_len == 512 * 1024  # 0.5M tokens per update
   assert config.batch_size // config.grad_accum_steps == 64  # micro-batches (BENCHMARKS.md)
   assert config.optimizer.b2 == 0.95 and config.optimizer.grad_clip_norm == 1.0
+
+
+def test_text_evaluation_scores_every_validation_window_once(tmp_path):
+  """Batches of whole windows would leave out the tail; the last batch is filled and masked."""
+  source = tmp_path / 'text.txt'
+  source.write_text('the quick brown fox jumps over the lazy dog. ' * 200)  # 9000 characters
+  config = gpt_small.get_config('cpu')
+  config.data.source, config.data.tokenizer = str(source), 'char'
+  config.data.max_bytes = 0
+  config.total_steps = config.eval_every_steps = config.checkpoint_every_steps = 1
+  config.max_eval_batches, config.sample.max_new_tokens = 0, 0
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  # The last 10% (900 characters) in windows of 128 + 1: 7 windows, in one batch of 16 (whole
+  # batches only would have had none).
+  assert result['num_examples'] == (900 - 1) // 128 == 7

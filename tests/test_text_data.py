@@ -52,8 +52,10 @@ def test_tinyshakespeare_char_split_is_90_10():
   # Train is exactly the first 90% of characters and validation exactly the rest.
   assert tok.decode(train.tokens) == full[:1_003_854]
   assert tok.decode(val_tokens) == full[1_003_854:]
-  # Validation batches are the first non-overlapping windows of the validation tokens.
-  assert len(data.eval_batches) == 111_539 // 64 // 8
+  # Validation batches are all the non-overlapping windows of the validation tokens, once.
+  windows = 111_539 // 64
+  assert len(data.eval_batches) == -(-windows // 8)
+  assert sum(b['mask'].sum() for b in data.eval_batches) == windows
   np.testing.assert_array_equal(data.eval_batches[0]['inputs'][0], val_tokens[:64])
   np.testing.assert_array_equal(data.eval_batches[0]['inputs'][1], val_tokens[64:128])
 
@@ -96,8 +98,9 @@ def test_process_shares_concatenate_to_the_global_batch(process_count):
   eval_shares = [text.eval_batches(tokens, 16, 8, 3, i, process_count)
                  for i in range(process_count)]
   for k, batch in enumerate(evals):
-    np.testing.assert_array_equal(
-        np.concatenate([s[k]['inputs'] for s in eval_shares]), batch['inputs'])
+    for key in ('inputs', 'mask'):
+      np.testing.assert_array_equal(
+          np.concatenate([s[k][key] for s in eval_shares]), batch[key])
   with pytest.raises(ValueError, match='divide evenly'):
     text.LMDataset(tokens, 16, batch_size=6, process_index=0, process_count=4)
 
@@ -105,12 +108,15 @@ def test_process_shares_concatenate_to_the_global_batch(process_count):
 def test_eval_batches_are_fixed_non_overlapping_windows():
   tokens = np.arange(1_000, dtype=np.int32)
   batches = text.eval_batches(tokens, seq_len=10, batch_size=4)
-  assert len(batches) == 999 // 10 // 4
+  assert len(batches) == 25  # 99 whole windows: 24 batches and 3 in the last
+  mask = np.concatenate([b['mask'] for b in batches])
+  np.testing.assert_array_equal(mask, np.arange(100) < 99)  # the filler masked out
   starts = np.concatenate([b['inputs'][:, 0] for b in batches])
-  np.testing.assert_array_equal(starts, np.arange(len(batches) * 4) * 10)
+  np.testing.assert_array_equal(starts[mask == 1], np.arange(99) * 10)  # each window once
+  np.testing.assert_array_equal(batches[-1]['targets'][:3, -1], [970, 980, 990])
   assert len(text.eval_batches(tokens, 10, 4, max_batches=2)) == 2
-  with pytest.raises(ValueError, match='too few for one batch'):
-    text.eval_batches(tokens[:20], seq_len=10, batch_size=4)
+  with pytest.raises(ValueError, match='too few for one window'):
+    text.eval_batches(tokens[:10], seq_len=10, batch_size=4)
 
 
 def test_documents_are_joined_with_eot(tmp_path):

@@ -36,8 +36,7 @@ def build(config) -> Data:
         process_index=index, process_count=count, max_bytes=config.data.max_bytes or None,
         max_eval_batches=config.max_eval_batches or None, data_dir=config.data.data_dir or None,
         download=config.data.download)
-    evals = [dict(b, mask=np.ones(len(b['inputs']), np.float32)) for b in lm.eval_batches]
-    return Data(train_batches=lm.train.iterate, eval_batches=lambda: evals,
+    return Data(train_batches=lm.train.iterate, eval_batches=lambda: lm.eval_batches,
                 input_shape=(config.data.seq_len,), input_dtype=np.int32,
                 tokenizer=lm.tokenizer)
   images = image.build(config.data, config.batch_size, config.seed, index, count,

@@ -252,20 +252,23 @@ class LMDataset:
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
                  max_batches: int | None = None, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """Fixed validation batches: consecutive non-overlapping windows from the first token.
+  """Fixed validation batches: every whole non-overlapping window from the first token, once.
 
-  Only full batches are made (so shapes are static); this process gets its rows of each.
+  The last batch is filled up with copies of the first window, masked out ('mask' 0; real
+  windows 1), so that shapes are static; this process gets its rows of each.
   """
-  n_batches = (len(tokens) - 1) // seq_len // batch_size
+  n_windows = (len(tokens) - 1) // seq_len
+  if n_windows < 1:
+    raise ValueError(f'the validation split has {len(tokens)} tokens, too few for one window '
+                     f'of {seq_len} + 1 tokens; lower config.data.seq_len or use more text.')
+  n_batches = -(-n_windows // batch_size)
   if max_batches is not None:
     n_batches = min(n_batches, max_batches)
-  if n_batches < 1:
-    raise ValueError(f'the validation split has {len(tokens)} tokens, too few for one batch '
-                     f'of {batch_size} windows of {seq_len} + 1 tokens; lower the batch size or '
-                     'config.data.seq_len, or use more text.')
   rows = _local_rows(batch_size, process_index, process_count)
-  starts = np.arange(n_batches * batch_size).reshape(n_batches, batch_size) * seq_len
-  return [_windows(tokens, s[rows], seq_len) for s in starts]
+  windows = np.arange(n_batches * batch_size).reshape(n_batches, batch_size)
+  mask = (windows < n_windows).astype(np.float32)
+  starts = np.where(windows < n_windows, windows, 0) * seq_len
+  return [dict(_windows(tokens, s[rows], seq_len), mask=m[rows]) for s, m in zip(starts, mask)]
 
 
 class LMData(NamedTuple):
