@@ -6,7 +6,7 @@
 Synthetic data (no download): x ~ U(-1, 1), y = 2x + 0.1 N(0, 1), 1,000 training and 1,000
 test points. The run ends by printing the learned parameters, w (Dense_0 kernel) and b.
 Measured on a 2-core CPU (2026-11-26): the full run (6 s) learns w = 1.994, b = 0.004, test MSE
-0.0104; `:cpu` (4 s) w = 2.016, b = -0.003, MSE 0.0104. The noise variance, the best possible
+0.0104; `:cpu` (5 s) w = 2.016, b = -0.003, MSE 0.0104. The noise variance, the best possible
 MSE, is 0.01.
 """
 from research import config as config_lib

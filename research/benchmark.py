@@ -30,10 +30,10 @@ with TensorBoard's profile plugin / XProf, or DIR/plugins/profile/*/perfetto_tra
 ui.perfetto.dev) and prints, before the JSON, where their time went: the compiled step's
 operations grouped by the JAX operation they came from (XLA's `op_name` metadata, with every
 numbered name merged: h_0 ... h_11 -> h_*, and also ln_1, ln_2 -> ln_*, Conv_0, Conv_1 ->
-Conv_*), milliseconds per step summed over the threads or streams
-that ran them. On CPUs, matmuls that XLA hands to Eigen's own thread pool are missing from
-the trace (BENCHMARKS.md). On accelerators the device's op events are counted (written for
-them, but so far run on CPUs only).
+Conv_*), milliseconds per step summed over the threads or streams that ran them. On CPUs,
+matmuls that XLA hands to Eigen's own thread pool are missing from the trace (BENCHMARKS.md).
+On accelerators the device's op events are counted (written for them, but so far run on CPUs
+only).
 
 --mock_data replaces TFDS datasets by random examples of the same shapes and types
 (`tfds.testing.mock_data`), so that image models can be benchmarked on a machine without their
@@ -168,8 +168,9 @@ def profile_summary(trace_dir: str, hlo_text: str, steps: int, top: int = 20):
   """The traced steps' op time by JAX operation: [(ms per step, share, ops, operation)].
 
   Reads the newest perfetto_trace.json.gz under `trace_dir`; counts the events of the
-  operations of the compiled module `hlo_text` (their `hlo_op` argument), on the accelerator where there is one (its "XLA Ops"
-  line, if it has one, so that an op is not counted twice), else on the host's threads.
+  operations of the compiled module `hlo_text` (their `hlo_op` argument), on the accelerator
+  where there is one (its "XLA Ops" line, if it has one, so that an op is not counted twice),
+  else on the host's threads.
   """
   traces = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True)
   if not traces:

@@ -173,12 +173,14 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
               'batch_size', 'grad_accum_steps', 'parallel.cpu_batch_parts',
               'keep_checkpoints'):  # 0 would have Orbax delete every checkpoint, old ones too
-    if not isinstance(get(key), int) or get(key) < 1:
-      raise ValueError(f'config.{key} must be a positive integer, got {get(key)!r}.')
+    value = get(key)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f'config.{key} must be a positive integer, got {value!r}.')
   for key in ('max_eval_batches', 'eval_batch_size', 'parallel.num_devices'):  # 0: the default
-    if not isinstance(get(key), int) or get(key) < 0:
+    value = get(key)
+    if not isinstance(value, int) or value < 0:
       raise ValueError(f'config.{key} must be 0 (the default) or a positive integer, got '
-                       f'{get(key)!r}.')
+                       f'{value!r}.')
   return resolved
 
 

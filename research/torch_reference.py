@@ -7,7 +7,8 @@ the same layer sizes, tied head and dropout placement, checked against ours in
 tests/test_torch_reference.py; or the MNIST CNN / LeNet-5), trains it with the same optimizer
 (AdamW / Adam) and gradient accumulation on random data of the same shape, and prints one JSON
 line with `research.benchmark`'s throughput fields (tokens/examples per second, step_ms,
-params, batch_size, seq_len; `mfu_vs_989tflops` on GPUs) and its own (threads, torch, compiled). On CPU it runs float32 in eager mode. On a
+params, batch_size, seq_len; `mfu_vs_989tflops` on GPUs) and its own (threads, torch,
+compiled). On CPU it runs float32 in eager mode. On a
 GPU (`--device=cuda`) it runs as nanoGPT does there: parameters float32, activations under
 bfloat16 autocast when the config's model.dtype is bfloat16, fused AdamW, flash attention
 through `scaled_dot_product_attention`, and `--compile` for `torch.compile`. Host memory is

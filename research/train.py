@@ -154,11 +154,13 @@ def _write_samples(exp, writer, workdir, step, params):
 class _LearningRates:
   """The schedule's values on the host, evaluated a block of steps at a time: evaluating it at
   each logged step is device work that is queued behind the running step and waits for it, so
-  this way that happens once per block (the first block before the loop)."""
+  this way that happens once per block (the first, from step `start`, when made: before the
+  loop)."""
   BLOCK = 1 << 16
 
-  def __init__(self, schedule):
+  def __init__(self, schedule, start: int = 0):
     self.schedule, self.start, self.values = schedule, None, None
+    self[start]  # pylint: disable=pointless-statement
 
   def __getitem__(self, step: int) -> float:
     start = step // self.BLOCK * self.BLOCK
@@ -357,8 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.log(f'The run in {workdir} finished training ({start} of {config.total_steps} '
                  'steps) but not its evaluation: evaluating now.')
       result = _evaluate_and_write(exp, writer, workdir, start, state)
-  exp.learning_rates = _LearningRates(exp.schedule)
-  exp.learning_rates[start]  # pylint: disable=pointless-statement  (evaluated before the loop)
+  exp.learning_rates = _LearningRates(exp.schedule, start)
   train_iter = exp.data.train_batches(start)
   window, pending = [], None  # metrics of the steps since the last write; the window to write
   clock = _Clock()

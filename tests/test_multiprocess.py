@@ -118,5 +118,6 @@ def test_a_mesh_that_splits_no_rows_over_processes_is_refused(tmp_path):
     p.stderr_file.seek(0)
     errors = p.stderr_file.read()
     assert p.returncode != 0
-    assert 'does not give each of the 2 processes its own rows of the batch' in errors, errors[-2000:]
+    assert 'does not give each of the 2 processes its own rows of the batch' in errors, (
+        errors[-2000:])
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')

@@ -277,7 +277,6 @@ def test_metrics_are_written_without_waiting_for_the_step_in_flight(tmp_path):
   config = cpu_config('mnist_mlp', total_steps=10)
   schedule = optax.cosine_decay_schedule(1.0, 10)
   learning_rates = train._LearningRates(schedule)  # pylint: disable=protected-access
-  learning_rates[0]  # pylint: disable=pointless-statement  (as the loop does before it starts)
   exp = types.SimpleNamespace(config=config, learning_rates=learning_rates,
                               flops_per_token=0.0, ckpt=None)
   writer = writer_lib.MetricWriter(str(tmp_path))
