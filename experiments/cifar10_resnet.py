@@ -8,8 +8,6 @@ Batch 128, 100 epochs, learning rate 0.1 with 2 warm-up epochs then cosine decay
 Data: TFDS `cifar10`, prepared on first use (needs network once).
 Full run: not measured yet in this repository (this recipe is published at about 95%).
 """
-import ml_collections
-
 from experiments.cifar10_lenet import CIFAR_MEAN, CIFAR_STD
 from research import config as config_lib
 

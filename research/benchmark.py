@@ -30,10 +30,11 @@ with TensorBoard's profile plugin / XProf, or DIR/plugins/profile/*/perfetto_tra
 ui.perfetto.dev) and prints, before the JSON, where their time went: the compiled step's
 operations grouped by the JAX operation they came from (XLA's `op_name` metadata, with every
 numbered name merged: h_0 ... h_11 -> h_*, and also ln_1, ln_2 -> ln_*, Conv_0, Conv_1 ->
-Conv_*), milliseconds per step summed over the threads or streams that ran them. On CPUs,
-matmuls that XLA hands to Eigen's own thread pool are missing from the trace (BENCHMARKS.md).
-On accelerators the device's op events are counted (written for them, but so far run on CPUs
-only).
+Conv_*), milliseconds per step summed over the threads or streams that ran them. On CPUs the
+matmuls XLA hands to Eigen (weight gradients) go on running after their trace events end; the
+thread's time until its next op is counted as theirs, and other time between ops as one row of
+its own (research/profiling.py). On accelerators the device's op events are counted (written
+for them, but so far run on CPUs only).
 
 --mock_data replaces TFDS datasets by random examples of the same shapes and types
 (`tfds.testing.mock_data`), so that image models can be benchmarked on a machine without their
@@ -42,13 +43,8 @@ data: a step's speed does not depend on the pixels.
 # First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
 hostmem.keep_freed_memory()
-import collections
 import contextlib
-import glob
-import gzip
 import json
-import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -64,6 +60,7 @@ import numpy as np
 
 from research import cli
 from research import metrics as metrics_lib
+from research import profiling
 from research import train
 from research.models import transformer
 
@@ -153,56 +150,6 @@ class _Timed:
       raise FloatingPointError('The benchmarked steps produced a non-finite loss.')
 
 
-def hlo_op_names(hlo_text: str) -> dict[str, str]:
-  """Each instruction of a compiled HLO module -> the JAX operation it came from (`op_name`)."""
-  names = {}
-  for line in hlo_text.splitlines():
-    match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
-    if match:
-      op_name = re.search(r'op_name="([^"]*)"', line)
-      names.setdefault(match.group(1), op_name.group(1) if op_name else '')
-  return names
-
-
-def profile_summary(trace_dir: str, hlo_text: str, steps: int, top: int = 20):
-  """The traced steps' op time by JAX operation: [(ms per step, share, ops, operation)].
-
-  Reads the newest perfetto_trace.json.gz under `trace_dir`; counts the events of the
-  operations of the compiled module `hlo_text` (their `hlo_op` argument), on the accelerator
-  where there is one (its "XLA Ops" line, if it has one, so that an op is not counted twice),
-  else on the host's threads.
-  """
-  traces = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True)
-  if not traces:
-    raise FileNotFoundError(f'No perfetto_trace.json.gz under {trace_dir}.')
-  module = re.match(r'HloModule ([^\s,]+)', hlo_text).group(1)
-  with gzip.open(max(traces, key=os.path.getmtime)) as f:
-    events = json.load(f)['traceEvents']
-  named = lambda kind: {(e['pid'], e.get('tid')) if kind == 'thread_name' else e['pid']:
-                        e['args']['name'] for e in events
-                        if e.get('ph') == 'M' and e.get('name') == kind}
-  processes, threads = named('process_name'), named('thread_name')
-  ops = [e for e in events if e.get('ph') == 'X'
-         and (e.get('args') or {}).get('hlo_op') and e['args'].get('hlo_module') == module]
-  on_device = [e for e in ops if processes.get(e['pid'], '').startswith('/device:')]
-  if on_device:
-    ops = on_device
-    xla_ops = [e for e in ops if threads.get((e['pid'], e['tid'])) == 'XLA Ops']
-    ops = xla_ops or ops
-  op_names = hlo_op_names(hlo_text)
-  micros, counts = collections.Counter(), collections.Counter()
-  for e in ops:
-    hlo_op = e['args']['hlo_op']
-    name = op_names.get(hlo_op) or re.sub(r'\.\d+$', '', hlo_op)
-    name = re.sub(r'^jit\([^)]*\)/(closed_call/)?', '', name)
-    name = re.sub(r'(?<=_)\d+(?=/|$)', '*', name)  # h_0 ... h_11 -> h_*, ln_1 -> ln_*
-    micros[name] += e['dur']
-    counts[name] += 1
-  total = sum(micros.values()) or 1
-  return [(us / 1000 / steps, us / total, counts[name] // steps, name)
-          for name, us in micros.most_common(top)]
-
-
 def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None = None) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     timed = _Timed(config, workdir)
@@ -217,7 +164,7 @@ def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None
           timed()
       print(f'Profile of {PROFILE_STEPS} steps in {profile_dir}; op time per step by JAX '
             'operation (summed over threads/streams):\n  ms/step  share  ops  operation')
-      for ms, share, count, operation in profile_summary(
+      for ms, share, count, operation in profiling.summary(
           profile_dir, timed.step.as_text(), PROFILE_STEPS):
         print(f'{ms:9.2f} {100 * share:5.1f}% {count:4d}  {operation}')
     params = timed.exp.compiled.get_state(timed.state).params

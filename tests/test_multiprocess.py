@@ -11,7 +11,6 @@ import tempfile
 
 import jax
 import numpy as np
-import pytest
 
 from tests.conftest import ROOT
 from tests.test_train import cpu_config, final_params, launch_command, read_metrics, run_launch

@@ -6,8 +6,6 @@ CPU: 98.65% in about 35 s.
 """
 import json
 
-import pytest
-
 from experiments import mnist_cnn
 from research import train
 
