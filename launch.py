@@ -73,14 +73,19 @@ def sample(workdir: str):
 
 def initialize_distributed():
   """Joins the other processes of a multi-process run (before any other use of JAX)."""
-  if not (FLAGS.distributed or FLAGS.coordinator_address):
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if not FLAGS.distributed and all(value is None for value in explicit):
     return
   import jax  # pylint: disable=g-import-not-at-top
   if os.environ.get('JAX_PLATFORMS', '').startswith('cpu') or FLAGS.coordinator_address:
     # CPU devices of several processes talk through gloo (harmless on accelerators).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  except ValueError as e:  # e.g. no cluster detected and no --coordinator_address
+    raise app.UsageError(f'Several processes: {e} Outside Cloud TPU and SLURM pass all of '
+                         '--coordinator_address=HOST:PORT, --num_processes and --process_id.')
 
 
 SAMPLE_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed')

@@ -120,3 +120,15 @@ def test_a_mesh_that_splits_no_rows_over_processes_is_refused(tmp_path):
     assert 'does not give each of the 2 processes its own rows of the batch' in errors, (
         errors[-2000:])
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_process_flags_without_a_coordinator_do_not_train_alone(tmp_path):
+  # --num_processes/--process_id imply several processes: outside a cluster JAX can find, the
+  # coordinator is missing. Each such process used to train the whole run by itself.
+  env = {k: '' for k in os.environ if k.startswith(('SLURM_', 'TPU_', 'CLOUD_TPU'))}
+  done = run_launch('--config=experiments/linear_regression.py:cpu', f'--workdir={tmp_path}',
+                    '--num_processes=2', '--process_id=1', env=env)
+  assert done.returncode != 0
+  assert 'coordinator_address should be defined' in done.stderr
+  assert '--coordinator_address=HOST:PORT' in done.stderr and 'Traceback' not in done.stderr
+  assert not os.listdir(tmp_path)
