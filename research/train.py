@@ -171,30 +171,34 @@ class _LearningRates:
 
 
 class _Clock:
-  """Counts steps and seconds between metric writes, for examples/s and the ETA."""
+  """Seconds per step between metric writes, for examples/s and the ETA: the time since the
+  last write over the steps finished since. A write fetches its window's metrics, so its steps
+  have finished; the step dispatched after them (counted as it was dispatched, this
+  overstated the first window and understated the last) has not."""
 
   def __init__(self):
     self.last = None  # seconds per step as of the last write
-    self.restart()
+    self.mark(0)
 
-  def restart(self):
-    self.start, self.steps = time.time(), 0
+  def mark(self, step: int):
+    """`step` steps have finished now (a write, the first step, an evaluation)."""
+    self.step, self.time = step, time.time()
 
-  def first_step_done(self) -> float:
+  def first_step_done(self, step: int) -> float:
     """Seconds since the start (the first step, compilation included), kept as the figure for
-    a window written before another step has run; starts counting the next steps."""
-    self.last = time.time() - self.start
-    self.restart()
+    a window written before another step has finished."""
+    self.last = time.time() - self.time
+    self.mark(step)
     return self.last
 
-  def seconds_per_step(self) -> float:
-    """Over the steps run since the last write. A write with no step run since the last one
-    (a window written at once for an eval or checkpoint right after the previous window was
-    written: steps are counted when they run, windows written a step later) repeats the last
-    figure instead of dividing ~0 seconds."""
-    if self.steps:
-      self.last = (time.time() - self.start) / self.steps
-    return self.last if self.last is not None else time.time() - self.start
+  def seconds_per_step(self, step: int) -> float:
+    """Over the steps finished since the last mark, up to `step`. With none (a window written
+    at once for an eval or checkpoint right after the previous window, or the first step's
+    own window) the last figure is repeated instead of dividing ~0 seconds."""
+    if step > self.step:
+      self.last = (time.time() - self.time) / (step - self.step)
+      self.mark(step)
+    return self.last if self.last is not None else time.time() - self.time
 
 
 def _fetch_window(exp, step, window) -> dict:
@@ -226,7 +230,7 @@ def _write_train(exp, writer, step, window, clock):
   """Writes the mean of a window of metrics (fetched one step after they were made)."""
   values = _fetch_window(exp, step, window)
   values = {k: float(np.sum(v) if k == 'skipped' else np.nanmean(v)) for k, v in values.items()}
-  seconds_per_step = clock.seconds_per_step()
+  seconds_per_step = clock.seconds_per_step(step)
   values['learning_rate'] = float(exp.learning_rates[step - 1])
   values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
   if exp.flops_per_token:
@@ -234,7 +238,6 @@ def _write_train(exp, writer, step, window, clock):
     values['mfu'] = exp.flops_per_token * values['tokens_per_sec'] / exp.peak_flops
   writer.write(step, 'train', values)
   writer.log(writer_lib.progress_line(step, exp.config.total_steps, values, seconds_per_step))
-  clock.restart()
 
 
 def _log_config_changes(writer, workdir, config):
@@ -372,11 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       done = step + 1
       if step == start:  # the one sync outside logging: report the compilation time
         jax.block_until_ready(metrics)
-        writer.log(f'first step (compilation included) took {clock.first_step_done():.1f}s')
+        writer.log(f'first step (compilation included) took {clock.first_step_done(done):.1f}s')
         if is_main:  # once this config has compiled and run
           _write_run_files(exp, workdir)
-      else:
-        clock.steps += 1
       if pending:  # the last window's metrics, fetched now that the next step is queued
         _write_train(exp, writer, *pending, clock)
         pending = None
@@ -399,7 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
       if is_eval:
         result = _evaluate_and_write(exp, writer, workdir, done, state)
-        clock.restart()
+        clock.mark(done)  # the evaluation's time is not the steps'
     _report_tiny_model(writer, exp.compiled.get_state(state).params, num_params)
   finally:
     preemption.close()

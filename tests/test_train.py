@@ -247,22 +247,42 @@ def test_launch_explains_a_dataset_it_cannot_download(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
-def test_throughput_of_a_window_written_with_no_step_since_the_last(monkeypatch):
-  """Windows are written one step late, but one ending at an eval or checkpoint at once: right
-  after the previous window's write no step has run since. It repeats the last figure instead
-  of dividing ~0 s (which logged 25M tokens/s for the last step of a run logging every step)."""
+def test_throughput_counts_the_steps_finished_since_the_last_write(monkeypatch):
+  """Windows are written one step late: when a window's metrics arrive its steps have finished
+  and the next one is running. Seconds per step are the time since the last write over the
+  steps finished since (counting steps as dispatched gave the first window of a run logging
+  every step 5x its real speed). A window written with no step finished since the last (one
+  ending at an eval or checkpoint, written at once; a 1-step run) repeats the last figure
+  instead of dividing ~0 s (which logged 25M tokens/s)."""
   now = [100.0]
   monkeypatch.setattr(train.time, 'time', lambda: now[0])
   clock = train._Clock()  # pylint: disable=protected-access
   now[0] += 30.0  # the first step, compilation included
-  assert clock.first_step_done() == 30.0
-  assert clock.seconds_per_step() == 30.0  # a 1-step run: that step
-  now[0] += 2.0
-  clock.steps += 4
-  assert clock.seconds_per_step() == 0.5
-  clock.restart()
+  assert clock.first_step_done(1) == 30.0
+  assert clock.seconds_per_step(1) == 30.0  # the first step's own window: that step
+  now[0] += 0.5  # step 2 runs; the window of steps 1-2 arrives when it has finished
+  assert clock.seconds_per_step(2) == 0.5
+  now[0] += 1.5  # steps 3-5
+  assert clock.seconds_per_step(5) == 0.5
   now[0] += 0.001  # the final window, written at once
-  assert clock.seconds_per_step() == 0.5
+  assert clock.seconds_per_step(5) == 0.5
+  now[0] += 7.0  # an evaluation, then a step
+  clock.mark(5)
+  now[0] += 0.25
+  assert clock.seconds_per_step(6) == 0.25
+
+
+def test_logged_throughput_is_level_from_the_first_window(tmp_path):
+  """End to end: logging every step, the first windows' examples/s are those of the rest."""
+  workdir = str(tmp_path / 'run')
+  config = cpu_config('gpt_small', total_steps=10, eval_every_steps=10, checkpoint_every_steps=10,
+                      max_eval_batches=1, **{'model.n_layer': 1, 'sample.max_new_tokens': 0,
+                                             'data.max_bytes': 300_000})
+  train.train_and_evaluate(config, workdir)
+  speeds = [r['examples_per_sec'] for r in read_metrics(workdir) if r['split'] == 'train']
+  typical = np.median(speeds[1:])
+  # The first window is the first step, compilation included: slower, never faster.
+  assert speeds[0] < typical and max(speeds) < 2 * typical, speeds
 
 
 def test_metrics_are_written_without_waiting_for_the_step_in_flight(tmp_path):
@@ -281,7 +301,6 @@ def test_metrics_are_written_without_waiting_for_the_step_in_flight(tmp_path):
                               flops_per_token=0.0, ckpt=None)
   writer = writer_lib.MetricWriter(str(tmp_path))
   clock = train._Clock()  # pylint: disable=protected-access
-  clock.steps = 3
   slow = jax.jit(lambda x: jax.lax.fori_loop(0, 400, lambda i, y: jax.numpy.tanh(y @ x), x))
   x = jax.numpy.eye(1024) * 0.5
   slow = slow.lower(x).compile()
