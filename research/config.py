@@ -125,8 +125,9 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE' (matmuls in Eigen).
   c.parallel.cpu_compiler_options = ''
   # On CPUs: each (micro-)batch computed as this many independent parts of one program, which
-  # XLA's runtime runs at the same time on different cores (the same update, BatchNorm aside:
-  # each part is normalised by its own statistics; BENCHMARKS.md).
+  # XLA's runtime runs at the same time on different cores (the same update, BatchNorm and
+  # dropout aside: each part is normalised by its own statistics and draws its own dropout
+  # masks; BENCHMARKS.md).
   c.parallel.cpu_batch_parts = 1
   c.lock()
   return c

@@ -7,8 +7,8 @@ any axis may be 1, and -1 takes the devices left over). The batch is split over 
 them with `nn.with_logical_partitioning`, e.g. GPT's ('embed', 'mlp')), mapped to mesh axes by
 `config.parallel.rules`: with the default rules 'fsdp' shards parameters and optimizer state
 (FSDP / ZeRO-3) and 'tensor' splits attention heads, MLP width and the vocabulary (Megatron-style
-tensor parallelism). A model without names (the image models) is replicated. XLA inserts the
-collectives. With mesh data=-1 (the default) this is plain data parallelism.
+tensor parallelism). A model without names (the image models) is replicated, and tensor > 1
+refused for it. XLA inserts the collectives. With mesh data=-1 (the default) this is plain data parallelism.
 
 `parallel.mode='pmap'` wraps the *same* step functions in `jax.pmap` (gradients averaged by
 `lax.pmean` inside the step), for pure data parallelism within one process only; it is tested
@@ -127,9 +127,39 @@ def check_process_rows(mesh: Mesh, batch_size: int, process_of=lambda d: d.proce
 
 
 def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:
-  """A NamedSharding per state leaf, from the logical names the model gave its parameters."""
+  """A NamedSharding per state leaf, from the logical names the model gave its parameters.
+
+  Fails, naming the config to change, where a mesh axis would split a dimension it does not
+  divide (e.g. 4 attention heads over tensor=8), and for tensor > 1 when no parameter is split
+  over 'tensor' (a model without logical names: every tensor device would compute the same).
+  """
   specs = nn.get_partition_spec(abstract_boxed_state)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  is_spec = lambda x: isinstance(x, P)
+  logical = jax.tree.leaves(specs, is_leaf=is_spec)
+  placed = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  values = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_boxed_state))[0]
+  sizes = dict(mesh.shape)
+  for (path, value), names, sharding in zip(values, logical, placed):
+    for dim, (size, axes) in enumerate(zip(value.shape, sharding.spec)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = math.prod(sizes[a] for a in axes)
+      if size % ways:
+        name = names[dim] if dim < len(names) else None
+        raise ValueError(
+            f'{jax.tree_util.keystr(path, simple=True, separator="/")} (shape {value.shape}) '
+            f'would be split {ways} ways along its axis {dim} ({name!r}, {size} long) by mesh '
+            f'axes {axes} (config.parallel.mesh={sizes}): {size} is not divisible by {ways}. '
+            f'Make those mesh axes divide it, map {name!r} elsewhere in config.parallel.rules, '
+            'or change the model size.')
+  uses = {a for sharding in placed for axes in sharding.spec if axes
+          for a in ((axes,) if isinstance(axes, str) else axes)}
+  if sizes['tensor'] > 1 and 'tensor' not in uses:
+    raise ValueError(
+        f'config.parallel.mesh.tensor={sizes["tensor"]}, but config.parallel.rules split no '
+        "parameter of this model over 'tensor' (it names no such axes): every tensor device "
+        'would compute the same rows. Use those devices for data (or fsdp) instead.')
+  return shardings
 
 
 @dataclasses.dataclass

@@ -57,8 +57,9 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
   concurrent_parts > 1 computes each of those as that many parts, the accumulation loop unrolled
   by as much: independent pieces of one program, which XLA's CPU runtime runs at the same time
   on different cores (the same update again, in more memory). Both are exact for models without
-  BatchNorm; with it, each micro-batch or part is normalised by its own statistics (as in any
-  gradient accumulation), so the update differs from the whole batch's.
+  BatchNorm or dropout; with them, each micro-batch or part is normalised by its own statistics
+  (as in any gradient accumulation) and draws its own dropout masks, so the update differs from
+  the whole batch's (by as much as another dropout seed would).
   skip_nonfinite: a step whose loss, gradients or updated parameters are not finite leaves the
   state unchanged (except the step counter) and reports metrics['skipped'] = 1. Without it,
   metrics['finite'] says whether they were (the training loop stops at a 0).

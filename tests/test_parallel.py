@@ -208,6 +208,26 @@ def test_mesh_that_does_not_fit_the_devices_is_explained(tmp_path):
     train.setup(config, str(tmp_path))
 
 
+def test_a_mesh_axis_that_does_not_divide_a_parameter_is_named(tmp_path):
+  # 4 heads over tensor=8: JAX's IndivisibleError named no config key.
+  with pytest.raises(ValueError, match=r"params/h/attn_proj/kernel \(shape \(2, 4, 32, 128\)\) "
+                                       r"would be split 8 ways along its axis 1 \('heads', 4 "
+                                       r"long\) by mesh axes \('tensor',\)"):
+    train.setup(gpt_config(data=1, tensor=8), str(tmp_path))
+  train.setup(gpt_config(data=2, tensor=4), str(tmp_path))  # 4 heads over 4: fine
+
+
+def test_tensor_parallelism_for_a_model_without_axis_names_is_refused(tmp_path):
+  # Linear regression names no axes: tensor devices would each compute the whole batch.
+  config = cpu_config('linear_regression')
+  config.parallel.mesh.data, config.parallel.mesh.tensor = 1, 8
+  with pytest.raises(ValueError, match=r"config\.parallel\.mesh\.tensor=8, but config\.parallel"
+                                       r"\.rules split no parameter of this model over 'tensor'"):
+    train.setup(config, str(tmp_path))
+  config.parallel.mesh.fsdp, config.parallel.mesh.tensor = 8, 1  # the batch split: fine
+  train.setup(config, str(tmp_path))
+
+
 def test_pmap_with_several_processes_is_refused_before_compilation(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   config = cpu_config('mnist_cnn')
