@@ -7,10 +7,14 @@ checkpoint into a temporary folder and renames it when complete, so an interrupt
 never listed; a complete checkpoint that fails to load is skipped for the one before it and
 moved to WORKDIR/checkpoints_damaged/.
 """
+import gc
+import io
 import os
 import shutil
 import socket
 import signal
+import sys
+import time
 
 from absl import logging
 import jax
@@ -74,6 +78,43 @@ def set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> str:
   return damaged
 
 
+def _first_line(error: Exception) -> str:
+  """An Orbax read error without the TensorStore spec (60 lines) that follows its first line."""
+  text = str(error).split('\n', 1)[0]
+  text = text.split(' See full TensorStore details', 1)[0]
+  return f'{type(error).__name__}: {text[:300]}'
+
+
+def _try_restore(mngr: ocp.CheckpointManager, step: int, target):
+  """(state, None), or (None, the error's first line) if checkpoint `step` fails to load.
+
+  When one array fails to load, the reads of the others still in flight fail too, after Orbax
+  has closed their event loop, and each printed a traceback with its TensorStore spec:
+  thousands of lines that buried the one warning that matters. A failed read's stderr is
+  dropped, until its reads have ended and their coroutines have been finalised."""
+  held, stderr, hook = io.StringIO(), sys.stderr, sys.unraisablehook
+  sys.stderr, sys.unraisablehook = held, lambda unraisable: None
+  try:
+    state = mngr.restore(step, args=ocp.args.StandardRestore(target))
+  except Exception as e:  # pylint: disable=broad-except
+    error = _first_line(e)
+  else:
+    error = None
+  finally:
+    sys.stderr, sys.unraisablehook = stderr, hook
+  if error is None:
+    stderr.write(held.getvalue())
+    return state, None
+  # Outside the `except`, so that the exception (and with it the coroutines) can be freed.
+  sys.stderr, sys.unraisablehook = held, lambda unraisable: None
+  try:
+    time.sleep(0.2)  # the reads in flight end within tens of milliseconds
+    gc.collect()
+  finally:
+    sys.stderr, sys.unraisablehook = stderr, hook
+  return None, error
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
   """Returns (state, step) from the newest checkpoint that loads, or (None, None) if none.
 
@@ -90,16 +131,14 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
   errors, failed, state, restored = [], [], None, None
   for step in steps:
-    try:
-      state = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(f'{mngr.directory}/{step}: {type(e).__name__}: {str(e)[:300]}')
-      failed.append(step)
-      logging.warning('Checkpoint %s/%d could not be loaded (%s); trying the one before it.',
-                      mngr.directory, step, e)
-      continue
-    restored = step
-    break
+    state, error = _try_restore(mngr, step, target)
+    if error is None:
+      restored = step
+      break
+    errors.append(f'{mngr.directory}/{step}: {error}')
+    failed.append(step)
+    logging.warning('Checkpoint %s/%d could not be loaded (%s); trying the one before it.',
+                    mngr.directory, step, error)
   if jax.process_count() > 1:  # all must resume from the same step
     everyone = multihost_utils.process_allgather(np.int32(-1 if restored is None else restored))
     if len(set(np.asarray(everyone).tolist())) > 1:

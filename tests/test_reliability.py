@@ -117,6 +117,27 @@ def test_partial_and_damaged_checkpoints_are_never_loaded(tmp_path, capsys):
   assert 'could not be loaded' not in capsys.readouterr().out
 
 
+def test_a_damaged_checkpoint_is_reported_in_a_few_lines(tmp_path):
+  # When one array of a checkpoint fails to load, the other reads in flight fail after Orbax
+  # has closed their event loop: each printed a traceback with its TensorStore spec (5,000
+  # lines for this model, the warning that matters among them).
+  workdir = str(tmp_path / 'run')
+  trained = run_launch('--config=experiments/gpt_small.py:cpu', f'--workdir={workdir}',
+                       '--config.total_steps=4', '--config.checkpoint_every_steps=2',
+                       '--config.eval_every_steps=4', '--config.sample.max_new_tokens=0',
+                       '--config.max_eval_batches=1', '--config.data.max_bytes=300000')
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  data = os.path.join(workdir, 'checkpoints', '4', 'default', 'ocdbt.process_0', 'd')
+  for name in os.listdir(data):
+    os.truncate(os.path.join(data, name), 0)
+  result = run_launch(f'--workdir={workdir}', '--mode=eval')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resuming from step 2: newer checkpoints could not be loaded' in result.stdout
+  assert 'Checkpoint' in result.stderr and 'could not be loaded' in result.stderr
+  assert len(result.stderr.splitlines()) < 10, result.stderr[-3000:]
+  assert 'Event loop is closed' not in result.stderr and 'TensorStore(' not in result.stderr
+
+
 def test_a_model_change_is_explained_even_when_the_newest_checkpoint_is_damaged(tmp_path):
   _, workdir = small_run(tmp_path)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '30', 'default'))
