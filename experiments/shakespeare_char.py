@@ -6,10 +6,10 @@
   python launch.py --config=experiments/shakespeare_char.py:cpu     # ~1-2 minutes on 2 cores
 
 6 layers, 6 heads, 384 wide, context 256, no biases, dropout 0.2 (10.77M parameters; 10.65M
-without the position table, as nanoGPT counts them), batch 64, AdamW (beta2 0.99, weight
-decay 0.1), learning rate 1e-3 warmed up over 100 steps then cosine-decayed to 1e-4 at step
-5000, clipping at 1.0. Validation: the last 10% of the text (a local file) or TFDS's
-validation split.
+without the position table and the vocabulary's padding rows, as nanoGPT counts them), batch 64,
+AdamW (beta2 0.99, weight decay 0.1), learning rate 1e-3 warmed up over 100 steps then
+cosine-decayed to 1e-4 at step 5000, clipping at 1.0. Validation: the last 10% of the text (a
+local file) or TFDS's validation split.
 Reference: nanoGPT reports a best validation loss of 1.4697 (A100).
 Ours (one H200, 2026-11-26, bfloat16 activations, the local copy, 4 minutes):
 best validation loss 1.4508 at step 1250 (1.463 at 1000, 1.453 at 1500); after that the model

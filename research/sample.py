@@ -85,6 +85,8 @@ def generate(model, params, prompt_tokens, *, max_new_tokens: int, rng=None,
   if length + max_new_tokens > model.block_size:
     raise ValueError(f'Prompt of {length} tokens + max_new_tokens={max_new_tokens} exceeds '
                      f'config.model.block_size={model.block_size}.')
+  if not temperature >= 0:  # also NaN
+    raise ValueError(f'temperature={temperature}: use 0 (greedy) or a positive number.')
   if rng is None and temperature != 0:
     raise ValueError('generate needs an rng to sample with temperature > 0.')
   rng = jax.random.key(0) if rng is None else rng

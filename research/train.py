@@ -321,7 +321,7 @@ def _start(exp, writer):
                        "this model's shapes.")
     params = jax.device_put(params, exp.compiled.state_sharding.params)
     state = exp.compiled.put_state(fresh.replace(params=params))
-    writer.log(f'parameters initialised from {exp.config.init_from}')
+    writer.log(f'parameters initialised from {exp.config.init_from}; optimizer and step new')
   return state, start
 
 
@@ -347,7 +347,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                + (' (an estimate for this CPU)' if estimated else ''))
   writer.log(f'{config.model.name}: {num_params:,} parameters; {jax.device_count()} devices '
              f'({jax.devices()[0].device_kind}), parallel.mode={config.parallel.mode}; '
-             + (f'resuming from step {start}' if start else 'starting from scratch')
+             + (f'resuming from step {start}' if start else
+                'starting at step 0' if config.init_from else 'starting from scratch')
              + f'; workdir {workdir}')
   result = {}
   if start >= config.total_steps:

@@ -73,6 +73,10 @@ def test_too_long_request_raises(params):
     sample.generate(MODEL, params, PROMPT, max_new_tokens=13, temperature=0)
   with pytest.raises(ValueError, match='rng'):
     sample.generate(MODEL, params, PROMPT, max_new_tokens=2)
+  for bad in (-1.0, float('nan')):  # -1 sampled from the least likely tokens, without a word
+    with pytest.raises(ValueError, match='use 0 \\(greedy\\) or a positive number'):
+      sample.generate(MODEL, params, PROMPT, max_new_tokens=2, rng=jax.random.key(0),
+                      temperature=bad)
 
 
 def test_sample_text_goes_on_past_the_context(params):
