@@ -61,7 +61,8 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
   (as in any gradient accumulation) and draws its own dropout masks, so the update differs from
   the whole batch's (by as much as another dropout seed would).
   skip_nonfinite: a step whose loss, gradients or updated parameters are not finite leaves the
-  state unchanged (except the step counter) and reports metrics['skipped'] = 1. Without it,
+  state unchanged (except the step counter) and reports metrics['skipped'] = 1; the optimizer's
+  own count (its schedule's step) is reported as metrics['updates']. Without it,
   metrics['finite'] says whether they were (the training loop stops at a 0).
   """
   if loss == 'cross_entropy':
@@ -131,6 +132,12 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
       model_state = keep(model_state, state.model_state)
       metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
+      # Skipped steps keep the optimizer's step count, so its schedule lags the step by as
+      # many: the loop logs the learning rate of this count (that of the last update made).
+      counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+                if getattr(path[-1], 'name', None) == 'count']
+      if counts:
+        metrics['updates'] = counts[-1]
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state)
     return new_state, metrics

@@ -229,9 +229,11 @@ def _fetch_window(exp, step, window) -> dict:
 def _write_train(exp, writer, step, window, clock):
   """Writes the mean of a window of metrics (fetched one step after they were made)."""
   values = _fetch_window(exp, step, window)
+  updates = values.pop('updates', None)  # config.nonfinite=skip: skipped steps hold the schedule
   values = {k: float(np.sum(v) if k == 'skipped' else np.nanmean(v)) for k, v in values.items()}
   seconds_per_step = clock.seconds_per_step(step)
-  values['learning_rate'] = float(exp.learning_rates[step - 1])
+  schedule_step = step if updates is None else int(updates[-1])
+  values['learning_rate'] = float(exp.learning_rates[max(schedule_step - 1, 0)])
   values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
   if exp.flops_per_token:
     values['tokens_per_sec'] = values['examples_per_sec'] * exp.config.data.seq_len

@@ -268,6 +268,19 @@ def test_skip_mode_also_skips_an_update_that_overflows_the_parameters(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+def test_skipped_steps_hold_the_learning_rate_schedule_and_the_log_says_so(tmp_path):
+  # Every update overflows and is skipped: the optimizer's count, and with it the cosine
+  # schedule, stays at its start. The log used to show the schedule decaying with the step.
+  config = overflowing_update(nonfinite='skip', **{'optimizer.schedule': 'warmup_cosine',
+                                                   'optimizer.warmup_steps': 0,
+                                                   'optimizer.min_learning_rate': 0.0})
+  train.train_and_evaluate(config, str(tmp_path))
+  lines = [r for r in read_metrics(tmp_path) if r['split'] == 'train']
+  assert [r['skipped'] for r in lines] == [1.0] * 5
+  assert [r['learning_rate'] for r in lines] == pytest.approx([1e38] * 5)
+  assert 'updates' not in lines[0]
+
+
 def test_nonfinite_skip_mode_skips_updates_and_counts_them(tmp_path):
   config = cpu_config('linear_regression', total_steps=20, log_every_steps=20,
                       checkpoint_every_steps=20, eval_every_steps=20, nonfinite='skip')
