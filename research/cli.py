@@ -2,9 +2,29 @@
 
 Light on purpose (absl only), so that launch.py's --help stays fast.
 """
+import difflib
+import importlib.util
 import sys
 
 from absl import app
+
+
+def _closest_key(argv, dotted: str) -> str | None:
+  """The experiment's key closest to `dotted` ('config.model.dropout'), if any comes close."""
+  try:
+    path = next(arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith('--config='))
+    path, _, arg = path.partition(':')
+    spec = importlib.util.spec_from_file_location('experiment', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    node = module.get_config(arg or None)
+    *parents, leaf = dotted.split('.')[1:]
+    for part in parents:
+      node = node[part]
+    match = difflib.get_close_matches(leaf, list(node.keys()), n=1, cutoff=0.5)
+  except Exception:  # pylint: disable=broad-except  (only a hint)
+    return None
+  return '.'.join(['config', *parents, match[0]]) if match else None
 
 
 def parse_flags(argv):
@@ -21,8 +41,10 @@ def parse_flags(argv):
                   for part in arg[len('--config.'):].split('=')[0].split('.')}
     if key not in overridden:  # raised by the experiment file itself: its own traceback
       raise
-    hint = str(e.args[0] if e.args else e).partition('\n')[2].rstrip('?')
-    key += f' ({hint})' if hint else ''
+    dotted = next(arg[2:].split('=')[0] for arg in argv[1:] if arg.startswith('--config.')
+                  and key in arg[len('--config.'):].split('=')[0].split('.'))
+    hint = _closest_key(argv, dotted)
+    key = dotted + (f' (did you mean {hint}?)' if hint else '')
     sys.exit(f'FATAL Flags parsing error: a --config override names a key the experiment '
              f'does not have: {key}. An override can only change keys the experiment file '
              "sets (research/config.py lists the common ones; a model's fields are in its "

@@ -108,5 +108,5 @@ def test_profile_is_refused_with_the_comparisons():
 def test_an_override_of_a_key_the_experiment_lacks_is_named():
   done = benchmark('--config.model.dropoutrate=0.1')  # shared with launch.py (research/cli.py)
   assert done.returncode != 0 and 'Traceback' not in done.stderr
-  assert ('a --config override names a key the experiment does not have: dropoutrate (Did you '
-          'mean "dropout_rate"') in done.stderr
+  assert ('a --config override names a key the experiment does not have: '
+          'config.model.dropoutrate (did you mean config.model.dropout_rate?)') in done.stderr

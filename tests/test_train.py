@@ -208,7 +208,13 @@ def test_launch_rejects_an_unknown_override(tmp_path):
   result = run_launch('--config=experiments/mnist_cnn.py:cpu', f'--workdir={tmp_path}',
                       '--config.model.dropout_rate=0.1')
   assert result.returncode != 0 and 'Traceback' not in result.stderr
-  assert ('a --config override names a key the experiment does not have: dropout_rate'
+  assert ('a --config override names a key the experiment does not have: '
+          'config.model.dropout_rate.' in result.stderr)
+  # A shortened name gets its closest key too (ml_collections' own hint missed this one).
+  result = run_launch('--config=experiments/mnist_mlp.py:cpu', f'--workdir={tmp_path}',
+                      '--config.model.dropout', '0.1')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert ('does not have: config.model.dropout (did you mean config.model.dropout_rate?)'
           in result.stderr)
 
 
