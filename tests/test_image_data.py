@@ -62,6 +62,13 @@ def test_idx_split_slices(mnist_dir):
   np.testing.assert_array_equal(tail[0]['inputs'], full[8000]['inputs'])
 
 
+def test_idx_split_whose_files_are_missing_points_at_the_files_there(mnist_dir):
+  # The shared folder has the test set only: the train split's files are missing.
+  with pytest.raises(image.DataError, match=r"train-images-idx3-ubyte.gz.* or take this split "
+                     r"from the 'test' files that .* has .*'test\[:8000\]' and 'test\[8000:\]'"):
+    image.idx_source(mnist_dir, 'train')
+
+
 def test_build_mnist_idx(mnist_dir):
   c = data_config(name='mnist_idx', path=mnist_dir, train_split='test[:8000]',
                   eval_split='test[8000:]')

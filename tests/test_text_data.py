@@ -192,6 +192,7 @@ def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
   assert "'tiny_shakespeare' is not prepared" in message and str(tmp_path) in message
   assert 'config.data.download is False' in message
   assert 'tfds build tiny_shakespeare --file_format=array_record' in message
+  assert 'Or train on local text instead: --config.data.source=PATH' in message
   with pytest.raises(image.DataError, match='no dataset named'):
     text.load_text('tfds:no_such_dataset_xyz', data_dir=str(tmp_path))
 

@@ -140,7 +140,8 @@ def test_model_outputs_must_match_the_dataset_classes(tmp_path, no_compilation):
 def test_unprepared_dataset_fails_before_compilation(tmp_path, no_compilation):
   config = cpu_config('mnist_cnn', **{'data.data_dir': str(tmp_path / 'tfds'),
                                       'data.download': False})
-  with pytest.raises(image.DataError, match=r"(?s)'mnist' is not prepared in .*tfds.*tfds build mnist"):
+  with pytest.raises(image.DataError, match=r"(?s)'mnist' is not prepared in .*tfds.*tfds build mnist"
+                     r'.*--config.data.name=mnist_idx --config.data.path=FOLDER'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 

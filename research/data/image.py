@@ -112,9 +112,15 @@ def idx_source(path: str, split: str) -> _ArraySource:
            for kind, d in (('images', 3), ('labels', 1))]
   missing = [f for f in files if not os.path.exists(f)]
   if missing:
+    other = 'test' if name == 'train' else 'train'
+    has_other = os.path.exists(os.path.join(
+        path, f'{"t10k" if other == "test" else "train"}-images-idx3-ubyte.gz'))
     raise DataError(
         f'MNIST IDX files not found: {missing}. Set config.data.path to the folder that holds '
-        f'{prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz.')
+        f'{prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz'
+        + (f', or take this split from the {other!r} files that {path} has '
+           f"(config.data.train_split / eval_split, e.g. '{other}[:8000]' and '{other}[8000:]')."
+           if has_other else '.'))
   images, labels = (_read_idx(f) for f in files)
   return _ArraySource(images[part], labels[part].astype(np.int32))
 
@@ -142,18 +148,21 @@ def _network_reachable(host='storage.googleapis.com', port=443, timeout=3.0) -> 
     return False
 
 
-def prepare_tfds(name: str, data_dir: str | None, download: bool, cause: Exception | None = None):
+def prepare_tfds(name: str, data_dir: str | None, download: bool, cause: Exception | None = None,
+                 instead: str = ''):
   """Called when opening `name` failed: downloads and prepares it, or raises a DataError.
 
   Shared by the image and the text (research/data/text.py) TFDS sources. The message names the
-  dataset, the data directory and the `tfds build` command that prepares it elsewhere.
+  dataset, the data directory and the `tfds build` command that prepares it elsewhere, then
+  `instead` (another way to get the data, if there is one).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(name, data_dir=data_dir)
   how = (f'Prepare it where there is network with\n'
          f'    tfds build {name} --file_format=array_record --data_dir=DIR\n'
          f'(TensorFlow, installed by requirements.txt, is needed to prepare most datasets), '
-         f'copy DIR here and pass --config.data.data_dir=DIR (or set TFDS_DATA_DIR).')
+         f'copy DIR here and pass --config.data.data_dir=DIR (or set TFDS_DATA_DIR).'
+         + (f' {instead}' if instead else ''))
   where = builder.data_dir + (f' (config.data.data_dir={data_dir!r})' if data_dir else
                                " (config.data.data_dir='': TFDS's default)")
   if builder.is_prepared():
@@ -185,7 +194,9 @@ def tfds_source(name: str, split: str, data_dir: str | None, download: bool,
                     '(see https://www.tensorflow.org/datasets/catalog).') from None
   except Exception as e:  # pylint: disable=broad-except
     failure = e
-  prepare_tfds(name, data_dir, download, failure)  # outside `except`: no TFDS traceback attached
+  instead = ('Or read the original IDX files (train-images-idx3-ubyte.gz, ...) from a folder: '
+             '--config.data.name=mnist_idx --config.data.path=FOLDER.' if name == 'mnist' else '')
+  prepare_tfds(name, data_dir, download, failure, instead)  # outside `except`: no TFDS traceback
   return _RenameSource(open_split(), image_key, label_key)
 
 

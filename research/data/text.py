@@ -158,7 +158,9 @@ def tfds_documents(name: str, split: str | None = None, data_dir: str | None = N
     if builder.is_prepared():
       raise
     failure = e
-  image.prepare_tfds(name, data_dir, download, failure)  # outside `except`: no TFDS traceback
+  image.prepare_tfds(name, data_dir, download, failure,  # outside `except`: no TFDS traceback
+                     'Or train on local text instead: --config.data.source=PATH (a file, a '
+                     'folder or a glob of .txt files).')
   builder = tfds.builder(name, data_dir=data_dir)  # its splits are known once prepared
   return _read_tfds_splits(tfds, builder, name, split, data_dir, max_bytes)
 
