@@ -88,6 +88,17 @@ def initialize_distributed():
                          '--coordinator_address=HOST:PORT, --num_processes and --process_id.')
 
 
+def raised_here(error: BaseException) -> bool:
+  """Whether `error` was raised by this repository's own code (its input checks)."""
+  tb = error.__traceback__
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  here = os.path.dirname(os.path.abspath(__file__))
+  path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+  return any(path.startswith(os.path.join(here, part) + os.sep)
+             for part in ('research', 'experiments'))
+
+
 SAMPLE_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed')
 
 
@@ -126,6 +137,10 @@ def main(argv):
       sample(workdir)
   except DataError as e:  # the message says what to do; a traceback would only hide it
     sys.exit(f'DataError: {e}')
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    if not raised_here(e):  # from a library: its traceback is the way to the cause
+      raise
+    sys.exit(f'{type(e).__name__}: {e}')  # our checks name what to change
 
 
 if __name__ == '__main__':

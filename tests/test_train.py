@@ -219,6 +219,14 @@ def test_launch_rejects_an_unknown_override(tmp_path):
           in result.stderr)
 
 
+def test_a_bad_config_value_is_one_line_without_a_traceback(tmp_path):
+  result = run_launch('--config=experiments/gpt_small.py:cpu', f'--workdir={tmp_path}',
+                      '--config.optimizer.name=adamm')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().endswith(
+      "ValueError: config.optimizer.name='adamm': use sgd, adam or adamw."), result.stderr[-2000:]
+
+
 @pytest.mark.parametrize('mode', ['eval', 'sample'])
 def test_eval_and_sample_need_the_workdir_of_a_run(tmp_path, mode):
   # Run from an empty folder, where a default workdir (runs/...) would appear.
