@@ -270,11 +270,12 @@ def _evaluate_and_write(exp, writer, workdir: str, step: int, state) -> dict:
   return result
 
 
-def _eval_written(workdir: str, step: int) -> bool:
-  """Whether metrics.jsonl in `workdir` has an evaluation at `step`."""
+def _eval_written(workdir: str, step: int) -> dict | None:
+  """The evaluation at `step` in `workdir`'s metrics.jsonl (its metrics), or None."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
-    return False
+    return None
+  found = None
   with open(path, encoding='utf-8') as f:
     for line in f:
       try:
@@ -282,8 +283,8 @@ def _eval_written(workdir: str, step: int) -> bool:
       except ValueError:  # a line cut short by a kill
         continue
       if record.get('split') == 'eval' and record.get('step') == step:
-        return True
-  return False
+        found = {k: v for k, v in record.items() if k not in ('step', 'split', 'time')}
+  return found
 
 
 def _write_run_files(exp, workdir: str):
@@ -355,12 +356,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {}
   if start >= config.total_steps:
     # Process 0's answer for all: the evaluation spans every process.
-    written = _eval_written(workdir, start) if is_main else False
+    record = _eval_written(workdir, start)
+    written = record is not None
     if jax.process_count() > 1:
       written = bool(multihost_utils.broadcast_one_to_all(np.int32(written)))
     if written:
       writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} '
                  'steps).')
+      result = record or {}  # its final evaluation, as the run returned it
     else:  # stopped (e.g. preempted) after its last checkpoint, before its last evaluation
       writer.log(f'The run in {workdir} finished training ({start} of {config.total_steps} '
                  'steps) but not its evaluation: evaluating now.')

@@ -96,8 +96,9 @@ def test_eval_mode_matches_final_eval_and_finished_run_does_not_retrain(tmp_path
     trained = train.train_and_evaluate(config, str(tmp_path))
     evaluated = train.evaluate(config, str(tmp_path))
     lines_before = len(read_metrics(tmp_path))
-    train.train_and_evaluate(config, str(tmp_path))
+    again = train.train_and_evaluate(config, str(tmp_path))
   assert evaluated == pytest.approx(trained)
+  assert again == pytest.approx(trained)  # the finished run's evaluation (was {})
   assert 'already finished' in capsys.readouterr().out
   assert len(read_metrics(tmp_path)) == lines_before
 
