@@ -270,7 +270,7 @@ def _evaluate_and_write(exp, writer, workdir: str, step: int, state) -> dict:
   return result
 
 
-def _final_eval_record(workdir: str, step: int) -> dict | None:
+def _eval_record(workdir: str, step: int) -> dict | None:
   """The evaluation at `step` in `workdir`'s metrics.jsonl (its metrics), or None."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
@@ -356,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {}
   if start >= config.total_steps:
     # Process 0's answer for all: the evaluation spans every process.
-    record = _final_eval_record(workdir, start)
+    record = _eval_record(workdir, start)
     written = record is not None
     if jax.process_count() > 1:
       written = bool(multihost_utils.broadcast_one_to_all(np.int32(written)))
