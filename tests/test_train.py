@@ -220,6 +220,16 @@ def test_launch_rejects_an_unknown_override(tmp_path):
           in result.stderr)
 
 
+@pytest.mark.parametrize('experiment', ['mnist_mlp', 'shakespeare_char'])
+def test_a_missing_tfds_dataset_is_only_its_data_error(tmp_path, experiment):
+  # TFDS warned "Variant folder ... has no dataset_info.json" twice before the DataError.
+  result = run_launch(f'--config=experiments/{experiment}.py:cpu', f'--workdir={tmp_path}/run',
+                      f'--config.data.data_dir={tmp_path}/tfds')
+  assert result.returncode != 0
+  assert result.stderr.startswith('DataError: TFDS dataset'), result.stderr[:2000]
+  assert 'Variant folder' not in result.stderr and 'Traceback' not in result.stderr
+
+
 def test_a_bad_config_value_is_one_line_without_a_traceback(tmp_path):
   result = run_launch('--config=experiments/gpt_small.py:cpu', f'--workdir={tmp_path}',
                       '--config.optimizer.name=adamm')

@@ -12,8 +12,10 @@ with padding, horizontal flip) run on the accelerator inside the jitted step (`p
 Examples are dicts {'inputs': ..., 'targets': ...}; evaluation batches also carry 'mask'
 (1 for a real example, 0 for padding) so that every test example is counted exactly once.
 """
+import contextlib
 import dataclasses
 import gzip
+import logging
 import os
 import re
 import socket
@@ -182,13 +184,32 @@ def prepare_tfds(name: str, data_dir: str | None, download: bool, cause: Excepti
                     f'failed ({type(e).__name__}: {str(e)[:300]}). {how}') from e
 
 
+class _NoVariantFolderWarnings(logging.Filter):
+  def filter(self, record):
+    return 'has no dataset_info.json' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_tfds_lookup():
+  """While a TFDS dataset is looked for: TFDS warns "Variant folder ... has no
+  dataset_info.json" for a dataset that is not there at all, before the DataError that says
+  what to do (which names the folder)."""
+  quiet = _NoVariantFolderWarnings()
+  logging.getLogger('absl').addFilter(quiet)
+  try:
+    yield
+  finally:
+    logging.getLogger('absl').removeFilter(quiet)
+
+
 def tfds_source(name: str, split: str, data_dir: str | None, download: bool,
                 image_key='image', label_key='label'):
   """Opens a prepared TFDS split for random access, preparing it first if allowed."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   open_split = lambda: tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   try:
-    return _RenameSource(open_split(), image_key, label_key)
+    with quiet_tfds_lookup():
+      return _RenameSource(open_split(), image_key, label_key)
   except tfds.core.registered.DatasetNotFoundError:
     raise DataError(f'config.data.name={name!r} is not a TFDS dataset '
                     '(see https://www.tensorflow.org/datasets/catalog).') from None
@@ -196,7 +217,8 @@ def tfds_source(name: str, split: str, data_dir: str | None, download: bool,
     failure = e
   instead = ('Or read the original IDX files (train-images-idx3-ubyte.gz, ...) from a folder: '
              '--config.data.name=mnist_idx --config.data.path=FOLDER.' if name == 'mnist' else '')
-  prepare_tfds(name, data_dir, download, failure, instead)  # outside `except`: no TFDS traceback
+  with quiet_tfds_lookup():
+    prepare_tfds(name, data_dir, download, failure, instead)  # outside `except`: no traceback
   return _RenameSource(open_split(), image_key, label_key)
 
 

@@ -148,19 +148,21 @@ def tfds_documents(name: str, split: str | None = None, data_dir: str | None = N
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with image.quiet_tfds_lookup():
+      builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise image.DataError(f'config.data.source=tfds:{name}: TFDS has no dataset named {name!r} '
                           '(see https://www.tensorflow.org/datasets/catalog).') from None
-  try:
-    return _read_tfds_splits(tfds, builder, name, split, data_dir, max_bytes)
-  except Exception as e:  # pylint: disable=broad-except
-    if builder.is_prepared():
-      raise
-    failure = e
-  image.prepare_tfds(name, data_dir, download, failure,  # outside `except`: no TFDS traceback
-                     'Or train on local text instead: --config.data.source=PATH (a file, a '
-                     'folder or a glob of .txt files).')
+  with image.quiet_tfds_lookup():
+    try:
+      return _read_tfds_splits(tfds, builder, name, split, data_dir, max_bytes)
+    except Exception as e:  # pylint: disable=broad-except
+      if builder.is_prepared():
+        raise
+      failure = e
+  with image.quiet_tfds_lookup():  # outside `except`: no TFDS traceback
+    image.prepare_tfds(name, data_dir, download, failure, 'Or train on local text instead: '
+                       '--config.data.source=PATH (a file, a folder or a glob of .txt files).')
   builder = tfds.builder(name, data_dir=data_dir)  # its splits are known once prepared
   return _read_tfds_splits(tfds, builder, name, split, data_dir, max_bytes)
 
