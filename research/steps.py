@@ -52,6 +52,7 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
   """Builds (train_step, eval_step) for `loss` in {'cross_entropy', 'mse'}.
 
   num_classes > 0 adds accuracy to the metrics and a confusion matrix to evaluation.
+  label_smoothing applies to the training loss; evaluation reports the plain cross-entropy.
   grad_accum_steps > 1 splits each batch into that many micro-batches whose gradients are
   averaged before one update (the same update as the whole batch, in less memory).
   concurrent_parts > 1 computes each of those as that many parts, the accumulation loop unrolled
@@ -67,8 +68,9 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
   """
   if loss == 'cross_entropy':
     per_example_loss = lambda out, y: metrics_lib.cross_entropy(out, y, label_smoothing)
+    eval_loss = metrics_lib.cross_entropy  # evaluation: the plain loss, without smoothing
   elif loss == 'mse':
-    per_example_loss = metrics_lib.squared_error
+    per_example_loss = eval_loss = metrics_lib.squared_error
   else:
     raise ValueError(f'config.loss={loss!r}: use cross_entropy or mse.')
   mean = (lambda x: lax.pmean(x, axis_name)) if axis_name else (lambda x: x)
@@ -147,7 +149,7 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
     inputs = preprocess(batch['inputs'], None, train=False)
     outputs, _ = _apply(model, state, state.params, inputs, False)
     mask = batch['mask']
-    per_example = per_example_loss(outputs, batch['targets'])
+    per_example = eval_loss(outputs, batch['targets'])
     per_example = per_example.reshape(mask.shape[0], -1).mean(-1)  # tokens -> one per example
     sums = {'loss_sum': jnp.sum(per_example * mask), 'count': jnp.sum(mask)}
     if num_classes:

@@ -13,7 +13,8 @@ from research.data import image
 
 
 def setup(model_name='mlp', loss='cross_entropy', num_classes=3, grad_accum_steps=1,
-          input_shape=(5,), optimizer=None, concurrent_parts=1, **model_fields):
+          input_shape=(5,), optimizer=None, concurrent_parts=1, label_smoothing=0.0,
+          **model_fields):
   if model_name == 'mlp':
     model_fields.setdefault('num_outputs', num_classes)
   model = models.build_model(config.model_config(model_name, **model_fields))
@@ -24,7 +25,7 @@ def setup(model_name='mlp', loss='cross_entropy', num_classes=3, grad_accum_step
   train_step, eval_step = steps.make_steps(
       model, tx, loss=loss, preprocess=image.make_preprocess(config.defaults().data),
       num_classes=num_classes, grad_accum_steps=grad_accum_steps,
-      concurrent_parts=concurrent_parts)
+      concurrent_parts=concurrent_parts, label_smoothing=label_smoothing)
   state = steps.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *input_shape)))
   return model, state, jax.jit(train_step), jax.jit(eval_step)
 
@@ -83,6 +84,19 @@ def test_eval_step_ignores_masked_examples():
   jax.tree.map(np.testing.assert_array_equal, eval_step(state, padded), sums)
   real = dict(batch, inputs=batch['inputs'].at[0].set(100.0))
   assert float(eval_step(state, real)['loss_sum']) != float(sums['loss_sum'])
+
+
+def test_label_smoothing_is_trained_with_and_evaluated_without():
+  model, state, train_step, eval_step = setup(hidden_sizes=(16,), label_smoothing=0.1)
+  batch = classification_batch(8)
+  logits = np.asarray(model.apply({'params': state.params}, batch['inputs']), np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -log_probs[np.arange(8), np.asarray(batch['targets'])]
+  smoothed = 0.9 * nll - 0.1 * log_probs.mean(-1)  # 0.1 spread over the 3 classes
+  sums = eval_step(state, dict(batch, mask=jnp.ones(8)))
+  np.testing.assert_allclose(sums['loss_sum'], nll.sum(), rtol=1e-5)  # was the smoothed sum
+  _, metrics = train_step(state, batch, jax.random.key(1))
+  np.testing.assert_allclose(metrics['loss'], smoothed.mean(), rtol=1e-5)
 
 
 def test_mse_path():
