@@ -8,6 +8,7 @@
 # First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
 hostmem.keep_freed_memory()
+import dis
 import json
 import os
 import sys
@@ -73,8 +74,9 @@ def sample(workdir: str):
 
 def initialize_distributed():
   """Joins the other processes of a multi-process run (before any other use of JAX)."""
-  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if not FLAGS.distributed and all(value is None for value in explicit):
+  several = (FLAGS.distributed or FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1
+             or (FLAGS.process_id or 0) > 0)
+  if not several:  # --num_processes=1 alone is one process
     return
   import jax  # pylint: disable=g-import-not-at-top
   if os.environ.get('JAX_PLATFORMS', '').startswith('cpu') or FLAGS.coordinator_address:
@@ -89,14 +91,18 @@ def initialize_distributed():
 
 
 def raised_here(error: BaseException) -> bool:
-  """Whether `error` was raised by this repository's own code (its input checks)."""
+  """Whether `error` comes from a `raise` statement of this repository's own code (its input
+  checks), not from a library or from an operation that failed in our code (an unpacking, a
+  reshape), whose traceback is the way to the cause."""
   tb = error.__traceback__
   while tb.tb_next is not None:
     tb = tb.tb_next
   here = os.path.dirname(os.path.abspath(__file__))
-  path = os.path.abspath(tb.tb_frame.f_code.co_filename)
-  return any(path.startswith(os.path.join(here, part) + os.sep)
+  code = tb.tb_frame.f_code
+  path = os.path.abspath(code.co_filename)
+  ours = any(path.startswith(os.path.join(here, part) + os.sep)
              for part in ('research', 'experiments'))
+  return ours and dis.opname[code.co_code[tb.tb_lasti]] == 'RAISE_VARARGS'
 
 
 SAMPLE_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed')

@@ -132,3 +132,7 @@ def test_process_flags_without_a_coordinator_do_not_train_alone(tmp_path):
   assert 'coordinator_address should be defined' in done.stderr
   assert '--coordinator_address=HOST:PORT' in done.stderr and 'Traceback' not in done.stderr
   assert not os.listdir(tmp_path)
+  # One process said explicitly is just one process.
+  done = run_launch('--config=experiments/linear_regression.py:cpu', f'--workdir={tmp_path}',
+                    '--num_processes=1', '--config.total_steps=2', env=env)
+  assert done.returncode == 0 and 'learned parameters' in done.stdout, done.stderr[-2000:]

@@ -220,6 +220,30 @@ def test_launch_rejects_an_unknown_override(tmp_path):
           in result.stderr)
 
 
+def test_only_our_own_raise_statements_lose_their_traceback():
+  # launch.py prints our checks' errors as one line; an error of an operation in our code (an
+  # unpacking) or raised elsewhere keeps its traceback. In a fresh interpreter: launch.py
+  # defines absl flags.
+  code = """
+import os, launch
+def errors(filename):
+  namespace = {}
+  exec(compile('def check():\\n  raise ValueError(\\"x\\")\\n'
+               'def unpack():\\n  a, b = [1, 2, 3]\\n', filename, 'exec'), namespace)
+  found = []
+  for name in ('check', 'unpack'):
+    try:
+      namespace[name]()
+    except ValueError as e:
+      found.append(launch.raised_here(e))
+  return found
+print(errors(os.path.abspath('research/not_a_file.py')), errors('/elsewhere/lib.py'))
+"""
+  done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        check=False, timeout=120)
+  assert done.stdout.split() == ['[True,', 'False]', '[False,', 'False]'], done.stderr[-2000:]
+
+
 @pytest.mark.parametrize('experiment', ['mnist_mlp', 'shakespeare_char'])
 def test_a_missing_tfds_dataset_is_only_its_data_error(tmp_path, experiment):
   # TFDS warned "Variant folder ... has no dataset_info.json" twice before the DataError.
