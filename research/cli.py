@@ -9,22 +9,32 @@ import sys
 from absl import app
 
 
-def _closest_key(argv, dotted: str) -> str | None:
-  """The experiment's key closest to `dotted` ('config.model.dropout'), if any comes close."""
+def _unknown_override(argv) -> tuple[str, str | None] | None:
+  """The first --config.KEY override whose path the experiment lacks, cut where it stops
+  resolving ('config.modle' of 'config.modle.dropout_rate'), with the closest key there; None
+  if the experiment cannot be loaded here."""
   try:
     path = next(arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith('--config='))
     path, _, arg = path.partition(':')
     spec = importlib.util.spec_from_file_location('experiment', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    node = module.get_config(arg or None)
-    *parents, leaf = dotted.split('.')[1:]
-    for part in parents:
-      node = node[part]
-    match = difflib.get_close_matches(leaf, list(node.keys()), n=1, cutoff=0.5)
-  except Exception:  # pylint: disable=broad-except  (only a hint)
+    config = module.get_config(arg or None)
+  except Exception:  # pylint: disable=broad-except  (only for the message)
     return None
-  return '.'.join(['config', *parents, match[0]]) if match else None
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    parts, node = arg[len('--config.'):].split('=')[0].split('.'), config
+    for i, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part in keys:
+        node = node[part]
+        continue
+      match = difflib.get_close_matches(part, keys, n=1, cutoff=0.5)
+      return ('.'.join(['config', *parts[:i + 1]]),
+              '.'.join(['config', *parts[:i], match[0]]) if match else None)
+  return None
 
 
 def parse_flags(argv):
@@ -41,10 +51,12 @@ def parse_flags(argv):
                   for part in arg[len('--config.'):].split('=')[0].split('.')}
     if key not in overridden:  # raised by the experiment file itself: its own traceback
       raise
-    dotted = next(arg[2:].split('=')[0] for arg in argv[1:] if arg.startswith('--config.')
-                  and key in arg[len('--config.'):].split('=')[0].split('.'))
-    hint = _closest_key(argv, dotted)
-    key = dotted + (f' (did you mean {hint}?)' if hint else '')
+    unknown = _unknown_override(argv)
+    if unknown:
+      key = unknown[0] + (f' (did you mean {unknown[1]}?)' if unknown[1] else '')
+    else:  # ml_collections' own hint
+      hint = str(e.args[0] if e.args else e).partition('\n')[2].rstrip('?')
+      key += f' ({hint})' if hint else ''
     sys.exit(f'FATAL Flags parsing error: a --config override names a key the experiment '
              f'does not have: {key}. An override can only change keys the experiment file '
              "sets (research/config.py lists the common ones; a model's fields are in its "

@@ -218,6 +218,10 @@ def test_launch_rejects_an_unknown_override(tmp_path):
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert ('does not have: config.model.dropout (did you mean config.model.dropout_rate?)'
           in result.stderr)
+  # Named where the path stops resolving; a valid override beside it is not blamed.
+  result = run_launch('--config=experiments/mnist_mlp.py:cpu', f'--workdir={tmp_path}',
+                      '--config.seed=1', '--config.modle.seed=2')
+  assert 'does not have: config.modle (did you mean config.model?)' in result.stderr
 
 
 def test_only_our_own_raise_statements_lose_their_traceback():
