@@ -16,6 +16,7 @@ def hlo_op_names(hlo_text: str) -> tuple[dict[str, str], dict[str, str]]:
   and -> its opcode (`dot`, `fusion`, ...)."""
   names, opcodes = {}, {}
   for line in hlo_text.splitlines():
+    line = re.sub(r'/\*index=\d+\*/', '', line)  # inside long tuple shapes
     match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w\-]+)\(', line)
     if match:
       op_name = re.search(r'op_name="([^"]*)"', line)
@@ -75,21 +76,31 @@ def summary(trace_dir: str, hlo_text: str, steps: int, top: int = 20):
   # Steps start where the host calls the compiled step; a thread's wait from one step into the
   # next (the calling thread's, after the first ops) is not the step's. Without those events
   # (another JAX version) only the op events are counted.
-  starts = sorted(e['ts'] for e in events if e.get('ph') == 'X'
-                  and e.get('name', '').startswith('PjitFunction('))
+  calls = [e for e in events
+           if e.get('ph') == 'X' and e.get('name', '').startswith('PjitFunction(')]
+  starts = sorted(e['ts'] for e in calls)
   if not on_device and starts:
+    step_of = lambda ts: bisect.bisect(starts, ts)
+    step_end = collections.defaultdict(float)  # the last op's end, or the call's if later
+    for e in ops + calls:
+      step_end[step_of(e['ts'])] = max(step_end[step_of(e['ts'])], e['ts'] + e['dur'])
     by_thread = collections.defaultdict(list)
     for e in ops:
       by_thread[e['pid'], e.get('tid')].append(e)
     for thread_ops in by_thread.values():
       thread_ops.sort(key=lambda e: e['ts'])
-      for op, after in zip(thread_ops, thread_ops[1:]):
-        end = op['ts'] + op['dur']
-        if after['ts'] <= end or bisect.bisect(starts, end) != bisect.bisect(starts, after['ts']):
-          continue
+      for op, after in zip(thread_ops, thread_ops[1:] + [None]):
+        end, step = op['ts'] + op['dur'], step_of(op['ts'])
         hlo_op = op['args']['hlo_op']
         async_op = opcodes.get(hlo_op) in EIGEN_ASYNC
-        micros[name_of(hlo_op) if async_op else BETWEEN_OPS] += after['ts'] - end
+        if after is not None and step_of(after['ts']) == step:
+          gap = after['ts'] - end
+        elif async_op:  # the thread's last op of the step: its work runs on to the step's end
+          gap = step_end[step] - end
+        else:  # the calling thread waiting for the step, or the trace's end
+          continue
+        if gap > 0:
+          micros[name_of(hlo_op) if async_op else BETWEEN_OPS] += gap
   total = sum(micros.values()) or 1
   return [(us / 1000 / steps, us / total, counts[name] // steps, name)
           for name, us in micros.most_common(top)]

@@ -13,6 +13,7 @@ ENTRY %main (p: f32[2048,128], q: f32[2048,512]) -> (f32[128,512], f32[4]) {
   %dot.7 = f32[128,512]{1,0} dot(%p, %q), lhs_contracting_dims={0}, rhs_contracting_dims={0}, metadata={op_name="jit(train_step)/transpose(jvp(GPT))/h_0/c_fc/transpose"}
   %ynn_fusion.3 = f32[2048,512]{1,0} fusion(%p, %w), kind=kCustom, metadata={op_name="jit(train_step)/jvp(GPT)/h_1/c_fc/dot_general"}
   %tuple_fusion = (f32[4]{0}, f32[]) fusion(%p), kind=kLoop, metadata={op_name="jit(train_step)/reduce_sum"}
+  %while.2 = (s32[], f32[], f32[], f32[], f32[], /*index=5*/f32[], f32[]) while(%t), condition=%c, body=%b, metadata={op_name="jit(train_step)/while"}
   ROOT %t = (f32[128,512]{1,0}, f32[4]{0}) tuple(%dot.7, %tuple_fusion)
 }
 '''
@@ -31,15 +32,16 @@ def op(hlo_op, ts, dur, tid, module='jit_train_step'):
           'args': {'hlo_op': hlo_op, 'hlo_module': module}}
 
 
-def step(ts):
+def step(ts, dur=900):
   return {'ph': 'X', 'name': 'PjitFunction(jit(train_step))', 'pid': 1, 'tid': 9, 'ts': ts,
-          'dur': 900}
+          'dur': dur}
 
 
 def test_opcodes_and_names_are_read_from_the_compiled_module():
   names, opcodes = profiling.hlo_op_names(HLO)
   assert opcodes == {'dot.7': 'dot', 'ynn_fusion.3': 'fusion', 'tuple_fusion': 'fusion',
-                     't': 'tuple'}
+                     'while.2': 'while', 't': 'tuple'}
+  assert names['while.2'] == 'jit(train_step)/while'  # a long tuple shape, /*index=5*/ in it
   assert names['dot.7'].endswith('h_0/c_fc/transpose') and names['t'] == ''
 
 
@@ -61,6 +63,16 @@ def test_eigen_matmuls_get_the_time_until_the_threads_next_op(tmp_path):
   assert rows[profiling.BETWEEN_OPS][0] == pytest.approx(0.04)  # 300+100 -> 440 only
   assert sum(share for _, share, _ in rows.values()) == pytest.approx(1)
   assert len(rows) == 4  # the other module's op is not this step's
+
+
+def test_an_eigen_matmul_last_on_its_thread_runs_on_to_the_steps_end(tmp_path):
+  # Thread 1's last op of the step is the dot (event 10 us); the step's last op, on thread 2,
+  # ends at 500 us (after the host's call returned): the dot's work fills thread 1 until then.
+  write_trace(tmp_path, [step(0, dur=50), op('dot.7', 100, 10, 1),
+                         op('ynn_fusion.3', 200, 300, 2)])
+  rows = {name: ms for ms, _, _, name in profiling.summary(str(tmp_path), HLO, steps=1)}
+  assert rows == {'transpose(jvp(GPT))/h_*/c_fc/transpose': pytest.approx(0.4),
+                  'jvp(GPT)/h_*/c_fc/dot_general': pytest.approx(0.3)}
 
 
 def test_without_step_events_only_op_time_is_counted(tmp_path):
