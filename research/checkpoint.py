@@ -91,9 +91,12 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int, target):
   When one array fails to load, the reads of the others still in flight fail too, after Orbax
   has closed their event loop, and each printed a traceback with its TensorStore spec:
   thousands of lines that buried the one warning that matters. A failed read's stderr is
-  dropped, until its reads have ended and their coroutines have been finalised."""
-  held, stderr, hook = io.StringIO(), sys.stderr, sys.unraisablehook
-  sys.stderr, sys.unraisablehook = held, lambda unraisable: None
+  dropped, until its reads have ended and their coroutines have been finalised; a read that
+  succeeds passes its stderr and unraisable exceptions on. (sys.stderr is the process's: other
+  threads' output in those moments goes the same way. Restores run before training, where
+  the only other threads are the libraries' own.)"""
+  held, stderr, hook, unraisables = io.StringIO(), sys.stderr, sys.unraisablehook, []
+  sys.stderr, sys.unraisablehook = held, unraisables.append
   try:
     state = mngr.restore(step, args=ocp.args.StandardRestore(target))
   except Exception as e:  # pylint: disable=broad-except
@@ -104,6 +107,8 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int, target):
     sys.stderr, sys.unraisablehook = stderr, hook
   if error is None:
     stderr.write(held.getvalue())
+    for unraisable in unraisables:
+      hook(unraisable)
     return state, None
   # Outside the `except`, so that the exception (and with it the coroutines) can be freed.
   sys.stderr, sys.unraisablehook = held, lambda unraisable: None

@@ -8,7 +8,8 @@ them with `nn.with_logical_partitioning`, e.g. GPT's ('embed', 'mlp')), mapped t
 `config.parallel.rules`: with the default rules 'fsdp' shards parameters and optimizer state
 (FSDP / ZeRO-3) and 'tensor' splits attention heads, MLP width and the vocabulary (Megatron-style
 tensor parallelism). A model without names (the image models) is replicated, and tensor > 1
-refused for it. XLA inserts the collectives. With mesh data=-1 (the default) this is plain data parallelism.
+refused for it. XLA inserts the collectives. With mesh data=-1 (the default) this is plain data
+parallelism.
 
 `parallel.mode='pmap'` wraps the *same* step functions in `jax.pmap` (gradients averaged by
 `lax.pmean` inside the step), for pure data parallelism within one process only; it is tested

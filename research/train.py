@@ -363,7 +363,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if written:
       writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} '
                  'steps).')
-      result = record or {}  # its final evaluation, as the run returned it
+      # Its final evaluation, as the run returned it (on processes that see metrics.jsonl,
+      # which process 0 writes; {} on others).
+      result = record or {}
     else:  # stopped (e.g. preempted) after its last checkpoint, before its last evaluation
       writer.log(f'The run in {workdir} finished training ({start} of {config.total_steps} '
                  'steps) but not its evaluation: evaluating now.')

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -136,6 +137,33 @@ def test_a_damaged_checkpoint_is_reported_in_a_few_lines(tmp_path):
   assert 'Checkpoint' in result.stderr and 'could not be loaded' in result.stderr
   assert len(result.stderr.splitlines()) < 10, result.stderr[-3000:]
   assert 'Event loop is closed' not in result.stderr and 'TensorStore(' not in result.stderr
+
+
+class _NoisyRead:
+  """A stand-in for a checkpoint manager whose read prints, leaves an object whose finaliser
+  raises (as Orbax's abandoned reads do), then succeeds or fails."""
+
+  def __init__(self, fail):
+    self.fail = fail
+
+  def restore(self, step, args):
+    del step, args
+    print('noise from the read', file=sys.stderr)
+    type('Abandoned', (), {'__del__': lambda self: 1 / 0})()  # finalised at once: unraisable
+    if self.fail:
+      raise OSError('damaged')
+    return 'state'
+
+
+@pytest.mark.parametrize('fail', [False, True])
+def test_a_failed_read_is_quiet_and_a_good_one_passes_its_output_on(fail, capsys, monkeypatch):
+  unraisables = []
+  monkeypatch.setattr(sys, 'unraisablehook', unraisables.append)
+  state, error = checkpoint._try_restore(_NoisyRead(fail), 3, None)  # pylint: disable=protected-access
+  assert (state, error) == ((None, 'OSError: damaged') if fail else ('state', None))
+  assert ('noise from the read' in capsys.readouterr().err) == (not fail)
+  assert len(unraisables) == (0 if fail else 1)
+  assert sys.unraisablehook == unraisables.append  # put back
 
 
 def test_a_model_change_is_explained_even_when_the_newest_checkpoint_is_damaged(tmp_path):

@@ -336,7 +336,7 @@ def test_logged_throughput_is_level_from_the_first_window(tmp_path):
   speeds = [r['examples_per_sec'] for r in read_metrics(workdir) if r['split'] == 'train']
   typical = np.median(speeds[1:])
   # The first window is the first step, compilation included: slower, never faster.
-  assert speeds[0] < typical and max(speeds) < 2 * typical, speeds
+  assert speeds[0] < typical and max(speeds) < 3 * typical, speeds
 
 
 def test_metrics_are_written_without_waiting_for_the_step_in_flight(tmp_path):

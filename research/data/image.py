@@ -114,15 +114,16 @@ def idx_source(path: str, split: str) -> _ArraySource:
            for kind, d in (('images', 3), ('labels', 1))]
   missing = [f for f in files if not os.path.exists(f)]
   if missing:
-    other = 'test' if name == 'train' else 'train'
-    has_other = os.path.exists(os.path.join(
-        path, f'{"t10k" if other == "test" else "train"}-images-idx3-ubyte.gz'))
+    other, other_prefix, cut = (('test', 't10k', 8000) if name == 'train' else
+                                ('train', 'train', 50000))
+    has_other = all(os.path.exists(os.path.join(path, f'{other_prefix}-{kind}-idx{d}-ubyte.gz'))
+                    for kind, d in (('images', 3), ('labels', 1)))
     raise DataError(
         f'MNIST IDX files not found: {missing}. Set config.data.path to the folder that holds '
         f'{prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz'
         + (f', or take this split from the {other!r} files that {path} has '
-           f"(config.data.train_split / eval_split, e.g. '{other}[:8000]' and '{other}[8000:]')."
-           if has_other else '.'))
+           f"(config.data.train_split / eval_split, e.g. '{other}[:{cut}]' and "
+           f"'{other}[{cut}:]')." if has_other else '.'))
   images, labels = (_read_idx(f) for f in files)
   return _ArraySource(images[part], labels[part].astype(np.int32))
 
