@@ -143,7 +143,10 @@ def sample_text(model, params, tokenizer, sample_config, rng,
       produced.extend(int(token) for token in new)
     context = np.concatenate([context, new])[-(model.block_size // 2):]
     remaining, segment = remaining - count, segment + 1
-  return tokenizer.decode(produced)
+  text = tokenizer.decode(produced)
+  if stream is not None and text != shown[0]:  # a tail held back for a character never whole
+    stream(text[len(shown[0]):])
+  return text
 
 
 def load_trained(workdir: str):

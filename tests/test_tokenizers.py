@@ -77,6 +77,23 @@ def test_save_load_identical(kind, tmp_path):
   assert loaded.decode(tok.encode(SOURCE_TEXT)) == SOURCE_TEXT
 
 
+def test_a_non_ascii_char_vocabulary_saves_and_loads_under_an_ascii_locale(tmp_path):
+  # tokenizer.json was written in the locale's encoding: under LANG=C, UnicodeEncodeError.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
+  code = ('from research.data import tokenizers\n'
+          'tok = tokenizers.build_tokenizer("char", train_text="caf\\u00e9 \\u2581\\u20ac")\n'
+          f'tok.save({str(tmp_path)!r})\n'
+          f'print(tokenizers.load({str(tmp_path)!r}).decode(tok.encode("\\u20ac caf\\u00e9")) '
+          '== "\\u20ac caf\\u00e9")\n')
+  env = {**os.environ, 'LC_ALL': 'C', 'LANG': 'C', 'PYTHONUTF8': '0',
+         'PYTHONCOERCECLOCALE': '0', 'PYTHONIOENCODING': 'ascii'}
+  done = subprocess.run([sys.executable, '-X', 'utf8=0', '-c', code], cwd=ROOT, env=env,
+                        capture_output=True, text=True, check=False, timeout=120)
+  assert done.stdout.strip() == 'True', done.stderr[-2000:]
+
+
 def test_bpe_cache_is_hit(tmp_path, monkeypatch):
   cache = str(tmp_path / 'cache')
   first = tokenizers.build_tokenizer('bpe', SOURCE_TEXT, vocab_size=400, cache_dir=cache)

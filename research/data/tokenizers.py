@@ -52,7 +52,7 @@ class Tokenizer:
     """Writes `tokenizer.json` (and any model file) into `directory`."""
     os.makedirs(directory, exist_ok=True)
     state = {'kind': self.kind, **self._state(directory)}
-    with open(os.path.join(directory, _CONFIG_FILE), 'w') as f:
+    with open(os.path.join(directory, _CONFIG_FILE), 'w', encoding='utf-8') as f:
       json.dump(state, f, ensure_ascii=False)
 
   def __repr__(self):
@@ -245,7 +245,7 @@ def load(directory: str) -> Tokenizer:
   path = os.path.join(directory, _CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'no saved tokenizer at {path} (written by Tokenizer.save).')
-  with open(path) as f:
+  with open(path, encoding='utf-8') as f:
     state = json.load(f)
   kind = state['kind']
   if kind == 'byte':
