@@ -8,7 +8,8 @@ tests/test_torch_reference.py; or the MNIST CNN / LeNet-5), trains it with the s
 (AdamW / Adam) and gradient accumulation on random data of the same shape, and prints one JSON
 line with `research.benchmark`'s throughput fields (tokens/examples per second, step_ms,
 params, batch_size, seq_len; `mfu_vs_989tflops` on GPUs) and its own (threads, torch,
-compiled). On CPU it runs float32 in eager mode. On a
+compiled). On CPU it runs float32 in eager mode, with torch's default (per-tensor) optimizer as
+nanoGPT does there (`--fused_optimizer`: torch's fused CPU kernel instead). On a
 GPU (`--device=cuda`) it runs as nanoGPT does there: parameters float32, activations under
 bfloat16 autocast when the config's model.dtype is bfloat16, fused AdamW, flash attention
 through `scaled_dot_product_attention`, and `--compile` for `torch.compile`. Host memory is
@@ -41,6 +42,8 @@ flags.DEFINE_integer('vocab_size', 257, 'GPT: the vocabulary (the byte tokenizer
                      'GPT-2 small: 50304, its 50257 padded as ours is).')
 flags.DEFINE_string('device', 'cpu', "'cpu' or 'cuda'.")
 flags.DEFINE_bool('compile', False, 'torch.compile the model (as nanoGPT does on GPUs).')
+flags.DEFINE_bool('fused_optimizer', False, "On CPU too: torch's fused AdamW/Adam kernel (on GPUs "
+                  'it is always used, as in nanoGPT).')
 FLAGS = flags.FLAGS
 
 
@@ -93,7 +96,19 @@ def build(config):
   """(model, optimizer, inputs, targets, tokens per example) for the experiment."""
   m, opt, b = config.model, config.optimizer, config.batch_size
   device = torch.device(FLAGS.device)
-  fused = device.type == 'cuda' or None
+  fused = device.type == 'cuda' or FLAGS.fused_optimizer or None
+  # What this reference does not implement is refused, not silently trained otherwise.
+  unsupported = [f'{key}={value!r}' for key, value, fine in (
+      ('optimizer.name', opt.name, opt.name in ('adam', 'adamw')),
+      ('label_smoothing', config.get('label_smoothing', 0.0), not config.get('label_smoothing')),
+      ('loss', config.get('loss', 'cross_entropy'),
+       config.get('loss', 'cross_entropy') == 'cross_entropy'),
+      ('optimizer.weight_decay (with adam)', opt.get('weight_decay', 0.0),
+       opt.name != 'adam' or not opt.get('weight_decay'))) if not fine]
+  if unsupported:
+    raise app.UsageError('The PyTorch reference trains with AdamW or Adam (no weight decay) on '
+                         'the plain cross-entropy; not with config.'
+                         + ', config.'.join(unsupported))
   if m.name == 'gpt':
     model = GPT(FLAGS.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd, m.use_bias,
                 m.get('dropout_rate', 0.0))
@@ -112,10 +127,11 @@ def build(config):
     rest = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': opt.weight_decay},
                                    {'params': rest, 'weight_decay': 0.0}],
-                                  lr=opt.learning_rate, betas=(opt.b1, opt.b2), fused=fused)
+                                  lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps,
+                                  fused=fused)
   else:
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.learning_rate,
-                                 betas=(opt.b1, opt.b2), fused=fused)
+                                 betas=(opt.b1, opt.b2), eps=opt.eps, fused=fused)
   return model, optimizer, x.to(device), y.to(device), t
 
 
@@ -158,6 +174,7 @@ def main(argv):
   result.update(step_ms=1000 * step_s, params=sum(p.numel() for p in model.parameters()),
                 batch_size=config.batch_size, seq_len=seq_len, threads=torch.get_num_threads(),
                 torch=torch.__version__, compiled=FLAGS.compile,
+                fused_optimizer=bool(cuda or FLAGS.fused_optimizer),
                 device=torch.cuda.get_device_name() if cuda else 'cpu',
                 config=flags.FLAGS['config'].config_filename)
   if seq_len and config.model.name == 'gpt':  # MFU as research.benchmark counts it

@@ -149,3 +149,15 @@ def test_same_gradients_as_ours(torch_reference):
       check(grads[f'h_{i}'][name]['bias'], getattr(block, name).bias)
     for name in ('ln_1', 'ln_2'):
       norm(grads[f'h_{i}'][name], getattr(block, name))
+
+
+def test_settings_it_does_not_implement_are_refused():
+  # It used to train Adam where the config said SGD, and ignore label smoothing.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
+  done = subprocess.run([sys.executable, '-m', 'research.torch_reference',
+                         '--config=experiments/cifar10_resnet.py', '--steps=1'], cwd=ROOT,
+                        capture_output=True, text=True, check=False, timeout=300)
+  assert done.returncode != 0
+  assert "not with config.optimizer.name='sgd', config.label_smoothing=0.1" in done.stderr
