@@ -9,6 +9,7 @@ moved to WORKDIR/checkpoints_damaged/.
 """
 import gc
 import io
+import logging as logging_lib
 import os
 import shutil
 import socket
@@ -85,16 +86,48 @@ def _first_line(error: Exception) -> str:
   return f'{type(error).__name__}: {text[:300]}'
 
 
+# What the reads of a checkpoint that failed to load leave behind: the other arrays' reads
+# fail too, after Orbax has closed their event loop, each with its TensorStore spec.
+_READ_NOISE = ('Event loop is closed', 'Error reading', 'error while reading array index')
+
+
+def _is_read_noise(*texts) -> bool:
+  return any(marker in str(text) for text in texts for marker in _READ_NOISE)
+
+
+class _ReadNoiseFilter(logging_lib.Filter):
+  """Drops asyncio's "Future/Task exception was never retrieved" records of those reads."""
+
+  def filter(self, record):
+    error = record.exc_info[1] if record.exc_info else None
+    return not _is_read_noise(record.getMessage(), error)
+
+
+def _drop_read_noise():
+  """From the first failed read on, for the process's life (the leftovers surface whenever
+  they are finalised, on a loaded machine seconds later): asyncio's records of them, and the
+  unraisable exceptions they raise, are dropped; everything else passes."""
+  if any(isinstance(f, _ReadNoiseFilter) for f in logging_lib.getLogger('asyncio').filters):
+    return
+  logging_lib.getLogger('asyncio').addFilter(_ReadNoiseFilter())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_read_noise(unraisable.exc_value, unraisable.err_msg):
+      previous(unraisable)
+  sys.unraisablehook = hook
+
+
 def _try_restore(mngr: ocp.CheckpointManager, step: int, target):
   """(state, None), or (None, the error's first line) if checkpoint `step` fails to load.
 
   When one array fails to load, the reads of the others still in flight fail too, after Orbax
   has closed their event loop, and each printed a traceback with its TensorStore spec:
-  thousands of lines that buried the one warning that matters. A failed read's stderr is
-  dropped, until its reads have ended and their coroutines have been finalised; a read that
-  succeeds passes its stderr and unraisable exceptions on. (sys.stderr is the process's: other
-  threads' output in those moments goes the same way. Restores run before training, where
-  the only other threads are the libraries' own.)"""
+  thousands of lines that buried the one warning that matters. While a read runs its stderr
+  and unraisable exceptions are held: passed on if it succeeds, dropped if it fails (after a
+  moment for the reads in flight); from then on `_drop_read_noise` drops what they leave.
+  (sys.stderr is the process's: other threads' output in those moments goes the same way.
+  Restores run before training, where the only other threads are the libraries' own.)"""
   held, stderr, hook, unraisables = io.StringIO(), sys.stderr, sys.unraisablehook, []
   sys.stderr, sys.unraisablehook = held, unraisables.append
   try:
@@ -110,13 +143,14 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int, target):
     for unraisable in unraisables:
       hook(unraisable)
     return state, None
+  _drop_read_noise()
   # Outside the `except`, so that the exception (and with it the coroutines) can be freed.
-  sys.stderr, sys.unraisablehook = held, lambda unraisable: None
+  sys.stderr = held
   try:
-    time.sleep(0.2)  # the reads in flight end within tens of milliseconds
+    time.sleep(0.2)  # most reads in flight end within tens of milliseconds
     gc.collect()
   finally:
-    sys.stderr, sys.unraisablehook = stderr, hook
+    sys.stderr = stderr
   return None, error
 
 
