@@ -234,7 +234,10 @@ def against_torch(name: str, overrides: list[str], rounds: int, steps: int, warm
   results = []
   for i in range(rounds):
     ours = _last_json_line([sys.executable, '-m', 'research.benchmark', *common, *ours_args])
-    vocab = [f'--vocab_size={ours["vocab_size"]}'] if ours.get('vocab_size') else []
+    vocab, rows = [], ours.get('vocab_size')
+    if rows:  # the rows our head multiplies: padded to a multiple of 128 off CPUs
+      rows = rows if ours['device_kind'] == 'cpu' else -(-rows // 128) * 128
+      vocab = [f'--vocab_size={rows}']
     theirs = _last_json_line([sys.executable, '-m', 'research.torch_reference', *common,
                               *vocab, *shlex.split(torch_args)])
     for key in ('batch_size', 'seq_len'):
