@@ -43,9 +43,8 @@ def shapes(tree) -> dict[str, tuple]:
 def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state) -> bool:
   """Raises a ValueError naming the first parameter whose shape the config changed; False if
   the checkpoint's metadata cannot be read (nothing checked), else True."""
-  try:
-    saved = shapes(mngr.item_metadata(step))
-  except Exception:  # pylint: disable=broad-except  (unreadable metadata: let restore decide)
+  saved, error = _read_quietly(lambda: shapes(mngr.item_metadata(step)))
+  if error is not None:  # unreadable metadata: let the restore decide
     return False
   wanted = shapes(abstract_state)
   params_first = lambda path: (not path.startswith('params'), path)
@@ -118,20 +117,21 @@ def _drop_read_noise():
   sys.unraisablehook = hook
 
 
-def _try_restore(mngr: ocp.CheckpointManager, step: int, target):
-  """(state, None), or (None, the error's first line) if checkpoint `step` fails to load.
+def _read_quietly(read):
+  """(read(), None), or (None, the error's first line) if reading a checkpoint fails.
 
-  When one array fails to load, the reads of the others still in flight fail too, after Orbax
-  has closed their event loop, and each printed a traceback with its TensorStore spec:
-  thousands of lines that buried the one warning that matters. While a read runs its stderr
-  and unraisable exceptions are held: passed on if it succeeds, dropped if it fails (after a
-  moment for the reads in flight); from then on `_drop_read_noise` drops what they leave.
-  (sys.stderr is the process's: other threads' output in those moments goes the same way.
-  Restores run before training, where the only other threads are the libraries' own.)"""
+  When one array of a checkpoint fails to load, the reads of the others still in flight fail
+  too, after Orbax has closed their event loop, and each printed a traceback with its
+  TensorStore spec: thousands of lines that buried the one warning that matters. While a read
+  runs its stderr and unraisable exceptions are held: passed on if it succeeds, dropped if it
+  fails (after a moment for the reads in flight); from then on `_drop_read_noise` drops what
+  they leave. (sys.stderr is the process's: other threads' output in those moments goes the
+  same way. Checkpoints are read before training, where the only other threads are the
+  libraries' own.)"""
   held, stderr, hook, unraisables = io.StringIO(), sys.stderr, sys.unraisablehook, []
   sys.stderr, sys.unraisablehook = held, unraisables.append
   try:
-    state = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    value = read()
   except Exception as e:  # pylint: disable=broad-except
     error = _first_line(e)
   else:
@@ -142,8 +142,9 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int, target):
     stderr.write(held.getvalue())
     for unraisable in unraisables:
       hook(unraisable)
-    return state, None
+    return value, None
   _drop_read_noise()
+  unraisables.clear()
   # Outside the `except`, so that the exception (and with it the coroutines) can be freed.
   sys.stderr = held
   try:
@@ -152,6 +153,11 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int, target):
   finally:
     sys.stderr = stderr
   return None, error
+
+
+def _try_restore(mngr: ocp.CheckpointManager, step: int, target):
+  """(state, None), or (None, the error's first line) if checkpoint `step` fails to load."""
+  return _read_quietly(lambda: mngr.restore(step, args=ocp.args.StandardRestore(target)))
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):

@@ -118,7 +118,8 @@ def test_partial_and_damaged_checkpoints_are_never_loaded(tmp_path, capsys):
   assert 'could not be loaded' not in capsys.readouterr().out
 
 
-def test_a_damaged_checkpoint_is_reported_in_a_few_lines(tmp_path):
+@pytest.mark.parametrize('damage', ['truncated', 'removed'])
+def test_a_damaged_checkpoint_is_reported_in_a_few_lines(tmp_path, damage):
   # When one array of a checkpoint fails to load, the other reads in flight fail after Orbax
   # has closed their event loop: each printed a traceback with its TensorStore spec (5,000
   # lines for this model, the warning that matters among them).
@@ -128,9 +129,14 @@ def test_a_damaged_checkpoint_is_reported_in_a_few_lines(tmp_path):
                        '--config.eval_every_steps=4', '--config.sample.max_new_tokens=0',
                        '--config.max_eval_batches=1', '--config.data.max_bytes=300000')
   assert trained.returncode == 0, trained.stderr[-3000:]
-  data = os.path.join(workdir, 'checkpoints', '4', 'default', 'ocdbt.process_0', 'd')
-  for name in os.listdir(data):
-    os.truncate(os.path.join(data, name), 0)
+  default = os.path.join(workdir, 'checkpoints', '4', 'default')
+  if damage == 'truncated':  # the metadata reads, the arrays do not
+    data = os.path.join(default, 'ocdbt.process_0', 'd')
+    for name in os.listdir(data):
+      os.truncate(os.path.join(data, name), 0)
+  else:  # neither reads
+    for folder in ('ocdbt.process_0', 'd'):
+      shutil.rmtree(os.path.join(default, folder))
   result = run_launch(f'--workdir={workdir}', '--mode=eval')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resuming from step 2: newer checkpoints could not be loaded' in result.stdout
