@@ -4,17 +4,26 @@ Light on purpose (absl only), so that launch.py's --help stays fast.
 """
 import difflib
 import importlib.util
+import re
 import sys
 
 from absl import app
 
 
-def _unknown_override(argv) -> tuple[str, str | None] | None:
-  """The first --config.KEY override whose path the experiment lacks, cut where it stops
-  resolving ('config.modle' of 'config.modle.dropout_rate'), with the closest key there; None
-  if the experiment cannot be loaded here."""
+def _overrides(argv, flag: str) -> list[list[str]]:
+  """The key paths of `--FLAG.KEY=VALUE` overrides ('--config.model.n_layer=2' -> ['model',
+  'n_layer']), without list indices ('sizes[0]' -> 'sizes')."""
+  prefix = f'--{flag}.'
+  return [[re.sub(r'\[.*\]$', '', part) for part in arg[len(prefix):].split('=')[0].split('.')]
+          for arg in argv[1:] if arg.startswith(prefix)]
+
+
+def _unknown_override(argv, flag: str, key: str) -> tuple[str, str | None] | None:
+  """The first --FLAG.KEY override (FLAG: config or config_b) with `key` in its path that the
+  experiment lacks, cut where it stops resolving ('config.modle' of 'config.modle.dropout'),
+  with the closest key there; None if there is none or the experiment cannot be loaded."""
   try:
-    path = next(arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith('--config='))
+    path = next(arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith(f'--{flag}='))
     path, _, arg = path.partition(':')
     spec = importlib.util.spec_from_file_location('experiment', path)
     module = importlib.util.module_from_spec(spec)
@@ -22,24 +31,25 @@ def _unknown_override(argv) -> tuple[str, str | None] | None:
     config = module.get_config(arg or None)
   except Exception:  # pylint: disable=broad-except  (only for the message)
     return None
-  for arg in argv[1:]:
-    if not arg.startswith('--config.'):
+  for parts in _overrides(argv, flag):
+    if key not in parts:
       continue
-    parts, node = arg[len('--config.'):].split('=')[0].split('.'), config
+    node = config
     for i, part in enumerate(parts):
       keys = list(node.keys()) if hasattr(node, 'keys') else []
       if part in keys:
         node = node[part]
         continue
       match = difflib.get_close_matches(part, keys, n=1, cutoff=0.5)
-      return ('.'.join(['config', *parts[:i + 1]]),
-              '.'.join(['config', *parts[:i], match[0]]) if match else None)
+      return ('.'.join([flag, *parts[:i + 1]]),
+              '.'.join([flag, *parts[:i], match[0]]) if match else None)
   return None
 
 
 def parse_flags(argv):
-  """absl's parsing, with a --config.KEY override of a key the experiment lacks explained
-  (ml_collections raises a bare AttributeError or KeyError for it, deep in a traceback)."""
+  """absl's parsing, with a --config.KEY (or --config_b.KEY) override of a key the experiment
+  lacks explained (ml_collections raises a bare AttributeError or KeyError for it, deep in a
+  traceback)."""
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as error:
@@ -47,17 +57,18 @@ def parse_flags(argv):
     while e.args and isinstance(e.args[0], (AttributeError, KeyError)):
       e = e.args[0]  # ml_collections wraps the KeyError in an AttributeError
     key = str(e.args[0] if e.args else e).strip('\'"').split("'")[0].split('\n')[0]
-    overridden = {part for arg in argv[1:] if arg.startswith('--config.')
-                  for part in arg[len('--config.'):].split('=')[0].split('.')}
-    if key not in overridden:  # raised by the experiment file itself: its own traceback
+    flags = [flag for flag in ('config', 'config_b')
+             if any(key in parts for parts in _overrides(argv, flag))]
+    if not flags:  # raised by the experiment file itself: its own traceback
       raise
-    unknown = _unknown_override(argv)
+    flag, unknown = next(((flag, found) for flag in flags
+                          if (found := _unknown_override(argv, flag, key))), (flags[0], None))
     if unknown:
       key = unknown[0] + (f' (did you mean {unknown[1]}?)' if unknown[1] else '')
     else:  # ml_collections' own hint
       hint = str(e.args[0] if e.args else e).partition('\n')[2].rstrip('?')
       key += f' ({hint})' if hint else ''
-    sys.exit(f'FATAL Flags parsing error: a --config override names a key the experiment '
+    sys.exit(f'FATAL Flags parsing error: a --{flag} override names a key the experiment '
              f'does not have: {key}. An override can only change keys the experiment file '
              "sets (research/config.py lists the common ones; a model's fields are in its "
              'module).')

@@ -105,6 +105,15 @@ def test_profile_is_refused_with_the_comparisons():
   assert done.returncode != 0 and '--profile_dir profiles a plain benchmark run' in done.stderr
 
 
+def test_an_override_of_config_b_is_named_with_its_flag():
+  # n_layer is a key of A's experiment (a GPT), not of B's (a CNN): B's override is named.
+  done = benchmark('--config.model.n_layer=1', '--config_b=experiments/mnist_cnn.py:cpu',
+                   '--config_b.model.n_layer=2')
+  assert done.returncode != 0 and 'Traceback' not in done.stderr
+  assert ('a --config_b override names a key the experiment does not have: '
+          'config_b.model.n_layer') in done.stderr
+
+
 def test_an_override_of_a_key_the_experiment_lacks_is_named():
   done = benchmark('--config.model.dropoutrate=0.1')  # shared with launch.py (research/cli.py)
   assert done.returncode != 0 and 'Traceback' not in done.stderr

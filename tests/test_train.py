@@ -222,6 +222,15 @@ def test_launch_rejects_an_unknown_override(tmp_path):
   result = run_launch('--config=experiments/mnist_mlp.py:cpu', f'--workdir={tmp_path}',
                       '--config.seed=1', '--config.modle.seed=2')
   assert 'does not have: config.modle (did you mean config.model?)' in result.stderr
+  # An indexed override of a list field is valid: not the one blamed.
+  (tmp_path / 'listed.py').write_text(
+      'from research import config as config_lib\n'
+      'def get_config(arg=None):\n'
+      "  return config_lib.defaults('mlp', hidden_sizes=(8, 8))\n")
+  result = run_launch(f'--config={tmp_path}/listed.py', f'--workdir={tmp_path}/run',
+                      '--config.model.hidden_sizes[0]=3', '--config.model.dropout=0.1')
+  assert 'does not have: config.model.dropout (did you mean config.model.dropout_rate?)' in (
+      result.stderr)
 
 
 def test_only_our_own_raise_statements_lose_their_traceback():
