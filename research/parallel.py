@@ -141,9 +141,9 @@ def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:
   placed = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   values = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_boxed_state))[0]
   sizes = dict(mesh.shape)
+  as_tuple = lambda axes: (axes,) if isinstance(axes, str) else tuple(axes or ())  # a spec entry
   for (path, value), names, sharding in zip(values, logical, placed):
-    for dim, (size, axes) in enumerate(zip(value.shape, sharding.spec)):
-      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    for dim, (size, axes) in enumerate(zip(value.shape, map(as_tuple, sharding.spec))):
       ways = math.prod(sizes[a] for a in axes)
       if size % ways:
         name = names[dim] if dim < len(names) else None
@@ -153,8 +153,7 @@ def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:
             f'axes {axes} (config.parallel.mesh={sizes}): {size} is not divisible by {ways}. '
             f'Make those mesh axes divide it, map {name!r} elsewhere in config.parallel.rules, '
             'or change the model size.')
-  uses = {a for sharding in placed for axes in sharding.spec if axes
-          for a in ((axes,) if isinstance(axes, str) else axes)}
+  uses = {a for sharding in placed for axes in sharding.spec for a in as_tuple(axes)}
   if sizes['tensor'] > 1 and 'tensor' not in uses:
     raise ValueError(
         f'config.parallel.mesh.tensor={sizes["tensor"]}, but config.parallel.rules split no '

@@ -177,7 +177,7 @@ class _Clock:
   overstated the first window and understated the last) has not."""
 
   def __init__(self):
-    self.last = None  # seconds per step as of the last write
+    self.last = None  # seconds per step as of the last write (first: the first step's)
     self.mark(0)
 
   def mark(self, step: int):
@@ -198,7 +198,7 @@ class _Clock:
     if step > self.step:
       self.last = (time.time() - self.time) / (step - self.step)
       self.mark(step)
-    return self.last if self.last is not None else time.time() - self.time
+    return self.last
 
 
 def _fetch_window(exp, step, window) -> dict:
@@ -233,7 +233,7 @@ def _write_train(exp, writer, step, window, clock):
   values = {k: float(np.sum(v) if k == 'skipped' else np.nanmean(v)) for k, v in values.items()}
   seconds_per_step = clock.seconds_per_step(step)
   schedule_step = step if updates is None else int(updates[-1])
-  values['learning_rate'] = float(exp.learning_rates[max(schedule_step - 1, 0)])
+  values['learning_rate'] = exp.learning_rates[max(schedule_step - 1, 0)]
   values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
   if exp.flops_per_token:
     values['tokens_per_sec'] = values['examples_per_sec'] * exp.config.data.seq_len
