@@ -66,7 +66,8 @@ def generate(model, params, prompt_tokens, *, max_new_tokens: int, rng=None,
     model: a `GPT` module (its `decode` field is ignored).
     params: its parameters (`variables['params']`).
     prompt_tokens: int token ids [batch, time], or [time] for one sequence.
-    max_new_tokens: how many tokens to sample; prompt plus new tokens must fit in block_size.
+    max_new_tokens: how many tokens to sample; the prompt and all new tokens but the last (which
+      is never fed back) must fit in block_size.
     rng: a `jax.random.key`; may be None only when temperature is 0.
     temperature: softmax temperature; 0 takes the most likely token.
     top_k: if set, sample among the k most likely tokens only.
@@ -82,9 +83,9 @@ def generate(model, params, prompt_tokens, *, max_new_tokens: int, rng=None,
   batch, length = tokens.shape
   if length == 0:
     raise ValueError('generate needs a prompt of at least one token.')
-  if length + max_new_tokens > model.block_size:
+  if length + max_new_tokens - 1 > model.block_size:  # the last new token is not fed back
     raise ValueError(f'Prompt of {length} tokens + max_new_tokens={max_new_tokens} exceeds '
-                     f'config.model.block_size={model.block_size}.')
+                     f'config.model.block_size={model.block_size} + 1.')
   if not temperature >= 0:  # also NaN
     raise ValueError(f'temperature={temperature}: use 0 (greedy) or a positive number.')
   if rng is None and temperature != 0:
@@ -122,7 +123,7 @@ def sample_text(model, params, tokenizer, sample_config, rng,
   prompt = tokenizer.encode(sample_config.prompt)
   if not len(prompt):
     prompt = np.array([tokenizer.eot_id], np.int32)  # start a new document
-  context = prompt[-(model.block_size - 1):]
+  context = prompt[-model.block_size:]
   produced, shown = [], ['']
 
   def on_token(token):
@@ -134,7 +135,7 @@ def sample_text(model, params, tokenizer, sample_config, rng,
 
   remaining, segment = sample_config.max_new_tokens, 0
   while remaining > 0:
-    count = min(remaining, model.block_size - len(context))
+    count = min(remaining, model.block_size + 1 - len(context))
     segment_rng = rng if segment == 0 or rng is None else jax.random.fold_in(rng, segment)
     new = generate(model, params, context, max_new_tokens=count, rng=segment_rng,
                    temperature=sample_config.temperature, top_k=sample_config.top_k or None,

@@ -18,15 +18,16 @@ def params():
 
 
 def test_greedy_matches_full_forward_argmax(params):
-  got = sample.generate(MODEL, params, PROMPT, max_new_tokens=8, rng=None, temperature=0)
+  # 4 + 13 - 1 = 16 = block_size: the last token is predicted from a full context.
+  got = sample.generate(MODEL, params, PROMPT, max_new_tokens=13, rng=None, temperature=0)
   forward = jax.jit(lambda x: MODEL.apply({'params': params}, x))
   tokens = PROMPT
-  for _ in range(8):  # Fixed-length windows so the forward pass compiles once.
+  for _ in range(13):  # Fixed-length windows so the forward pass compiles once.
     window = np.pad(tokens, ((0, 0), (0, 16 - tokens.shape[1])))
     next_token = np.argmax(forward(window)[:, tokens.shape[1] - 1], axis=-1)
     tokens = np.concatenate([tokens, next_token[:, None]], axis=1)
   np.testing.assert_array_equal(got, tokens[:, 4:])
-  assert got.shape == (2, 8) and got.dtype == np.int32
+  assert got.shape == (2, 13) and got.dtype == np.int32
 
 
 def test_top_k_1_is_greedy_and_callback_streams_every_token(params):
@@ -70,7 +71,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, want):
 
 def test_too_long_request_raises(params):
   with pytest.raises(ValueError, match='block_size=16'):
-    sample.generate(MODEL, params, PROMPT, max_new_tokens=13, temperature=0)
+    sample.generate(MODEL, params, PROMPT, max_new_tokens=14, temperature=0)
   with pytest.raises(ValueError, match='rng'):
     sample.generate(MODEL, params, PROMPT, max_new_tokens=2)
   for bad in (-1.0, float('nan')):  # -1 sampled from the least likely tokens, without a word
@@ -99,12 +100,12 @@ def test_sample_text_goes_on_past_the_context(params):
   ids = tokenizer.last
   assert len(ids) == 40 and text.startswith(''.join(streamed))
   prompt = tokenizer.encode('abc')
-  first = sample.generate(model, weights, prompt, max_new_tokens=13, temperature=0)
-  np.testing.assert_array_equal(ids[:13], first)
-  # After the first 13 (3 + 13 = 16 tokens), the next come from the last 8 tokens alone.
+  first = sample.generate(model, weights, prompt, max_new_tokens=14, temperature=0)
+  np.testing.assert_array_equal(ids[:14], first)
+  # After the first 14 (3 + 13 fed, the 14th never), the next come from the last 8 tokens alone.
   again = sample.generate(model, weights, np.concatenate([prompt, first])[-8:],
-                          max_new_tokens=8, temperature=0)
-  np.testing.assert_array_equal(ids[13:21], again)
+                          max_new_tokens=9, temperature=0)
+  np.testing.assert_array_equal(ids[14:23], again)
   assert sample.sample_text(model, weights, tokenizer, settings, None) == text  # not streamed
 
 
