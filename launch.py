@@ -141,6 +141,9 @@ def main(argv):
       train.evaluate(FLAGS.config or saved_config(workdir), workdir)
     else:
       sample(workdir)
+  except KeyboardInterrupt:  # Ctrl-C; in training a first one saves and says so
+    print('Interrupted.', file=sys.stderr)
+    sys.exit(130)
   except DataError as e:  # the message says what to do; a traceback would only hide it
     sys.exit(f'DataError: {e}')
   except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -15,6 +15,7 @@ import shutil
 import socket
 import signal
 import sys
+import threading
 import time
 
 from absl import logging
@@ -271,30 +272,42 @@ def check_workdir(workdir: str, state_bytes: int, keep: int):
 
 
 class Preemption:
-  """Notices SIGTERM (how Cloud TPU and most schedulers preempt) so the loop can save and stop.
+  """Notices SIGTERM (how Cloud TPU and most schedulers preempt) and Ctrl-C (SIGINT) so the loop
+  can save and stop.
 
-  `reached(step)` is True at the first step boundary after a SIGTERM. With several processes
-  JAX's preemption sync point makes them agree on that step (its own SIGTERM handler tells the
-  coordination service, so none is installed here); a single process uses a signal flag.
+  `reached(step)` is True at the first step boundary after either. With several processes JAX's
+  preemption sync point makes them agree on that step for SIGTERM (its own SIGTERM handler tells
+  the coordination service, so none is installed here) and Ctrl-C keeps Python's default; a
+  single process uses a signal flag. A second Ctrl-C raises KeyboardInterrupt at once.
   """
 
   def __init__(self):
-    self.signalled = False
+    self.signal = None  # 'SIGTERM' or 'SIGINT' once one has arrived
     self._multi = jax.process_count() > 1
-    if not self._multi:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return  # only the main thread may install handlers
+    wanted = [] if self._multi else [signal.SIGTERM]
+    if not self._multi and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+      wanted.append(signal.SIGINT)  # not when the caller handles Ctrl-C its own way
+    for signum in wanted:
+      self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.signalled = True
+    self.signal = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # the next Ctrl-C interrupts whatever is running
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+      os.write(2, b'\nCtrl-C: saving a checkpoint at the next step boundary, then stopping '
+               b'(Ctrl-C again to stop at once).\n')  # os.write: safe inside a handler
 
   def reached(self, step: int) -> bool:
-    if self._multi:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.signalled
+    if self._multi and multihost_utils.reached_preemption_sync_point(step):
+      self.signal = 'SIGTERM'
+    return self.signal is not None
 
   def close(self):
-    if not self._multi:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def state_bytes(state) -> int:

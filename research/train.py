@@ -403,8 +403,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         force=preempted or done == config.total_steps)
       if preempted:
         exp.ckpt.wait_until_finished()
-        writer.log(f'SIGTERM: saved step {done} to {exp.ckpt.directory} and stopped; relaunch '
+        label = 'Ctrl-C' if preemption.signal == 'SIGINT' else preemption.signal
+        writer.log(f'{label}: saved step {done} to {exp.ckpt.directory} and stopped; relaunch '
                    f'with --workdir={workdir} to resume.')
+        if preemption.signal == 'SIGINT':  # an interruption to callers (exit status 130)
+          raise KeyboardInterrupt
         break
       if is_eval:
         result = _evaluate_and_write(exp, writer, workdir, done, state)

@@ -34,8 +34,14 @@ def interrupt_at_step_20(workdir, sig):
   checkpoint finished (saves are asynchronous and the loop does not wait for them, so step 10's
   may still be being written at step 20), waits for it."""
   command, env = launch_command(*launch_args(workdir), mock_tfds=True)
-  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
+  # SIGINT as a terminal gives it, also where the tests run in a background job (which ignores
+  # it, and a child inherits that; a handler is reset to the default in the child instead).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   checkpoints = os.path.join(workdir, 'checkpoints')
   for line in proc.stdout:
     if (line.startswith('step ') and int(line.split()[1].split('/')[0]) >= 20
@@ -75,17 +81,42 @@ def test_sigkill_then_relaunch_is_bitwise_identical(tmp_path, uninterrupted):
   assert last_records(workdir) == uninterrupted
 
 
-def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(tmp_path, uninterrupted):
+@pytest.mark.parametrize('sig, label, status', [(signal.SIGTERM, 'SIGTERM', 0),
+                                                 (signal.SIGINT, 'Ctrl-C', 130)])
+def test_sigterm_and_ctrl_c_save_at_a_step_boundary(tmp_path, uninterrupted, sig, label, status):
+  """Preemption exits cleanly; Ctrl-C saves too (it lost the steps since the last checkpoint,
+  with a traceback) and exits as interrupted."""
   workdir = str(tmp_path / 'run')
-  code, out = interrupt_at_step_20(workdir, signal.SIGTERM)
-  assert code == 0
-  stopped = int(out.split('SIGTERM: saved step ')[1].split()[0])
+  code, out = interrupt_at_step_20(workdir, sig)
+  assert code == status
+  stopped = int(out.split(f'{label}: saved step ')[1].split()[0])
   assert 20 <= stopped < 400
   assert checkpoint.manager(workdir, 3, 10).latest_step() == stopped
   resumed = run_launch(*launch_args(workdir), mock_tfds=True)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'resuming from step {stopped}' in resumed.stdout
   assert last_records(workdir) == uninterrupted
+
+
+def test_preemption_handlers_only_from_the_main_thread():
+  """train_and_evaluate in a worker thread (a notebook's background run) must not fail on
+  signal.signal; the main thread's handlers are installed and put back."""
+  errors = []
+  def make():
+    try:
+      checkpoint.Preemption().close()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  import threading  # pylint: disable=g-import-not-at-top
+  thread = threading.Thread(target=make)
+  thread.start()
+  thread.join()
+  assert not errors
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  preemption = checkpoint.Preemption()
+  assert signal.getsignal(signal.SIGTERM) == preemption._handle  # pylint: disable=protected-access
+  preemption.close()
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def small_run(tmp_path, **overrides):
