@@ -109,6 +109,13 @@ SAMPLE_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'se
 
 
 def main(argv):
+  try:
+    run(argv)
+  except app.UsageError as e:  # one line, not the usage text (python launch.py --help)
+    sys.exit(f'Usage error: {e} (python launch.py --help lists the flags.)')
+
+
+def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.mode != 'sample':  # they would be silently ignored

@@ -3,7 +3,9 @@
 Light on purpose (absl only), so that launch.py's --help stays fast.
 """
 import difflib
+import glob
 import importlib.util
+import os
 import re
 import sys
 
@@ -46,10 +48,35 @@ def _unknown_override(argv, flag: str, key: str) -> tuple[str, str | None] | Non
   return None
 
 
+def _missing_experiment(argv) -> str | None:
+  """A line naming a --config (or --config_b) file that does not exist, with the closest
+  experiment file; None when they all exist."""
+  for flag in ('config', 'config_b'):
+    for i, arg in enumerate(argv[1:], 1):
+      if arg.startswith(f'--{flag}='):
+        value = arg.split('=', 1)[1]
+      elif arg == f'--{flag}' and i + 1 < len(argv):
+        value = argv[i + 1]
+      else:
+        continue
+      path = value.partition(':')[0]
+      if os.path.isfile(path):
+        continue
+      here = os.path.dirname(path) or '.'
+      found = sorted(glob.glob(os.path.join(here, '*.py')) + glob.glob('experiments/*.py'))
+      match = difflib.get_close_matches(path, found, n=1, cutoff=0.5)
+      return (f'--{flag}={value}: no such file {path!r}'
+              + (f' (did you mean {match[0]}?)' if match else '') + '.')
+  return None
+
+
 def parse_flags(argv):
   """absl's parsing, with a --config.KEY (or --config_b.KEY) override of a key the experiment
   lacks explained (ml_collections raises a bare AttributeError or KeyError for it, deep in a
-  traceback)."""
+  traceback), and a missing experiment file named (a 40-line chained traceback)."""
+  missing = _missing_experiment(argv)
+  if missing:
+    sys.exit(f'FATAL Flags parsing error: {missing}')
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as error:

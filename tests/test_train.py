@@ -233,6 +233,21 @@ def test_launch_rejects_an_unknown_override(tmp_path):
       result.stderr)
 
 
+def test_launch_usage_mistakes_are_one_line(tmp_path):
+  """A missing experiment file was a 43-line chained traceback; usage errors printed the usage
+  text (about 40 lines) before the message."""
+  cases = [(['--config=experiments/mnist_cn.py:cpu'],
+            "no such file 'experiments/mnist_cn.py' (did you mean experiments/mnist_cnn.py?)"),
+           (['--config', 'gpt_small.py'],
+            "no such file 'gpt_small.py' (did you mean experiments/gpt_small.py?)"),
+           ([f'--workdir={tmp_path}', '--mode=eval'], 'config.json'),
+           ([], '--config=experiments/X.py is required')]
+  for args, message in cases:
+    result = run_launch(*args)
+    assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
+    assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr[-2000:])
+
+
 def test_only_our_own_raise_statements_lose_their_traceback():
   # launch.py prints our checks' errors as one line; an error of an operation in our code (an
   # unpacking) or raised elsewhere keeps its traceback. In a fresh interpreter: launch.py
