@@ -242,23 +242,38 @@ def _write_train(exp, writer, step, window, clock):
   writer.log(writer_lib.progress_line(step, exp.config.total_steps, values, seconds_per_step))
 
 
-def _log_config_changes(writer, workdir, config):
-  """Relaunching a workdir with other settings is allowed; says what changed."""
+def _log_config_changes(writer, workdir, config, step):
+  """Relaunching a workdir with other settings is allowed; says what changed, and whether a new
+  total_steps moves the learning rate at the resumed `step` (None: no checkpoint)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return
   try:
     with open(path, encoding='utf-8') as f:
-      old = config_lib.flatten(json.load(f))
+      saved = json.load(f)
+    old = config_lib.flatten(saved)
   except (OSError, ValueError) as e:
     writer.log(f'WARNING: {path} could not be read ({e}); it is written anew once this '
                "launch's first step has run.")
     return
   new = config_lib.flatten(json.loads(config.to_json_best_effort()))
-  changes = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k)]
-  if changes:
-    writer.log('config changed since the last launch in this workdir: ' + '; '.join(changes))
+  changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  if changed:
+    writer.log('config changed since the last launch in this workdir: ' + '; '.join(
+        f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed))
+  if step is None or 'total_steps' not in changed:
+    return
+  try:  # the schedule as the last launch laid it out
+    before = float(optim.make_schedule(ml_collections.ConfigDict(saved['optimizer']),
+                                       saved['total_steps'])(step))
+  except Exception:  # pylint: disable=broad-except  (an older config: only for the message)
+    return
+  after = float(optim.make_schedule(config.optimizer, config.total_steps)(step))
+  if not np.isclose(before, after, rtol=1e-6, atol=0):
+    writer.log(f'WARNING: the learning rate at step {step} is now {after:.3g}, not {before:.3g}: '
+               'the schedule is laid out over total_steps (a finished cosine run relaunched with '
+               'more steps goes back up). To extend a run at its last rate, use '
+               'optimizer.schedule=constant with that learning_rate.')
 
 
 def _evaluate_and_write(exp, writer, workdir: str, step: int, state) -> dict:
@@ -334,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = exp.config
   is_main = jax.process_index() == 0
   writer = writer_lib.MetricWriter(workdir, enabled=is_main)
-  _log_config_changes(writer, workdir, config)
+  _log_config_changes(writer, workdir, config, exp.ckpt.latest_step())
   if exp.data.tokenizer is not None:
     _check_tokenizer(exp.data.tokenizer, os.path.join(workdir, 'tokenizer'),
                      exp.ckpt.latest_step())

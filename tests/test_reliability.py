@@ -127,6 +127,26 @@ def small_run(tmp_path, **overrides):
   return config, workdir
 
 
+def test_more_steps_on_a_cosine_schedule_says_the_rate_moves(tmp_path, capsys):
+  """A finished cosine run relaunched with more steps goes back up to a higher rate: allowed,
+  but said (it was only 'total_steps: 30 -> 60'); a constant schedule moves nothing."""
+  schedule = {'optimizer.schedule': 'warmup_cosine', 'optimizer.warmup_steps': 0,
+              'optimizer.min_learning_rate': 0.0}
+  config, workdir = small_run(tmp_path, **schedule)
+  config.total_steps = 60
+  capsys.readouterr()
+  train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  moved = optim.make_schedule(config.optimizer, 60)(30)  # cosine at its middle: half the rate
+  assert f'the learning rate at step 30 is now {moved:.3g}, not 0:' in out and moved > 0.02
+  constant, constant_dir = small_run(tmp_path / 'constant')
+  constant.total_steps = 60
+  capsys.readouterr()
+  train.train_and_evaluate(constant, constant_dir)
+  out = capsys.readouterr().out
+  assert 'total_steps: 30 -> 60' in out and 'the learning rate at step' not in out
+
+
 def test_partial_and_damaged_checkpoints_are_never_loaded(tmp_path, capsys):
   config, workdir = small_run(tmp_path)
   ckpts = os.path.join(workdir, 'checkpoints')
