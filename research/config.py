@@ -8,6 +8,7 @@ own fields (see research/models). Everything here runs before anything is compil
 import dataclasses
 import difflib
 import functools
+import math
 
 import jax.numpy as jnp
 import ml_collections
@@ -182,7 +183,23 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not isinstance(value, int) or value < 0:
       raise ValueError(f'config.{key} must be 0 (the default) or a positive integer, got '
                        f'{value!r}.')
+  for key, low, high in RANGES:
+    if key == 'model.dropout_rate' and 'dropout_rate' not in resolved.model:
+      continue
+    value = get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+      allowed = f'>= {low}' if high == math.inf else f'in [{low}, {high})'
+      raise ValueError(f'config.{key} must be a number {allowed}, got {value!r}.')
   return resolved
+
+
+# Number keys and their allowed ranges [low, high): values outside would train without error
+# and mean nothing (a negative learning rate ascends the loss; dropout 1.5 scales by -2).
+RANGES = (('label_smoothing', 0, 1), ('model.dropout_rate', 0, 1),
+          ('optimizer.learning_rate', 0, math.inf), ('optimizer.min_learning_rate', 0, math.inf),
+          ('optimizer.warmup_steps', 0, math.inf), ('optimizer.momentum', 0, 1),
+          ('optimizer.b1', 0, 1), ('optimizer.b2', 0, 1), ('optimizer.eps', 0, math.inf),
+          ('optimizer.weight_decay', 0, math.inf), ('optimizer.grad_clip_norm', 0, math.inf))
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:

@@ -120,6 +120,21 @@ def test_non_positive_counts_rejected(key):
     config.resolve(ml_collections.ConfigDict(d))
 
 
+@pytest.mark.parametrize('key, bad, good', [
+    ('model.dropout_rate', 1.5, 0.5), ('optimizer.learning_rate', -1.0, 0.0),
+    ('label_smoothing', 1.0, 0.1), ('optimizer.b2', 1.0, 0.95),
+    ('optimizer.weight_decay', float('nan'), 0.1), ('optimizer.warmup_steps', -5, 5)])
+def test_numbers_out_of_range_rejected(key, bad, good):
+  """They trained without a word (a negative learning rate reached a loss of 7e7)."""
+  d = mnist_mlp_dict()
+  node, leaf = parent_of(d, key)
+  node[leaf] = good
+  config.resolve(ml_collections.ConfigDict(d))
+  node[leaf] = bad
+  with pytest.raises(ValueError, match=rf'config\.{key} must be a number (>=|in)'):
+    config.resolve(ml_collections.ConfigDict(d))
+
+
 def test_parse_arg():
   assert config.parse_arg(None) == set()
   assert config.parse_arg('cpu') == {'cpu'}
