@@ -3,13 +3,13 @@
   python launch.py --config=experiments/mnist_cnn.py
   python launch.py --config=experiments/mnist_cnn.py:cpu --config.optimizer.learning_rate=0.01
   python launch.py --workdir=runs/mine --mode=eval         # the config saved in the workdir
+  python launch.py --workdir=runs/mine --config.total_steps=2000   # that run, with more steps
   python launch.py --workdir=runs/gpt --mode=sample --prompt="def " --max_new_tokens=200
 """
 # First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
 hostmem.keep_freed_memory()
 import dis
-import json
 import os
 import sys
 import time
@@ -20,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from research import cli
+from research import saved_config
 
 config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].',
                                 lock_config=True)
@@ -45,16 +46,6 @@ def default_workdir() -> str:
   path, _, arg = flags.FLAGS['config'].config_filename.partition(':')
   name = os.path.splitext(os.path.basename(path))[0] + (f'_{arg}' if arg else '')
   return os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
-
-
-def saved_config(workdir: str):
-  """The resolved config a run wrote into its workdir."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise app.UsageError(f'Pass --config, or a --workdir with a config.json ({path} is missing).')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def sample(workdir: str):
@@ -126,6 +117,11 @@ def run(argv):
             + (' (the training seed is --config.seed).' if name == 'seed' else '.'))
   if FLAGS.mode != 'train' and not FLAGS.workdir:  # a new run folder would hold no checkpoint
     raise app.UsageError(f'--mode={FLAGS.mode} needs the --workdir of a trained run.')
+  if FLAGS.config is None and FLAGS.mode != 'sample':  # a workdir's config.json stands in
+    raise app.UsageError(
+        'Pass --config=experiments/X.py' + (
+            f', or the --workdir of a run ({os.path.join(FLAGS.workdir, "config.json")} is '
+            'missing).' if FLAGS.workdir else ' (or the --workdir of a run to continue it).'))
   initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   # A relaunch (resume, eval, a changed learning rate) reuses compiled steps from this cache.
@@ -137,15 +133,12 @@ def run(argv):
     logging.set_verbosity(logging.WARNING)
   from research import train  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)
   from research.data.image import DataError  # pylint: disable=g-import-not-at-top
-  if FLAGS.config is None and FLAGS.mode == 'train':
-    raise app.UsageError('--config=experiments/X.py is required (eval and sample can use '
-                         '--workdir alone).')
   workdir = FLAGS.workdir or default_workdir()
   try:
     if FLAGS.mode == 'train':
       train.train_and_evaluate(FLAGS.config, workdir)
     elif FLAGS.mode == 'eval':
-      train.evaluate(FLAGS.config or saved_config(workdir), workdir)
+      train.evaluate(FLAGS.config, workdir)
     else:
       sample(workdir)
   except KeyboardInterrupt:  # Ctrl-C; in training a first one saves and says so
@@ -160,4 +153,4 @@ def run(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(saved_config.with_saved_config(argv)))

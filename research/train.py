@@ -124,7 +124,7 @@ def evaluate_state(exp: Experiment, state) -> tuple[dict, np.ndarray | None]:
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   result = {'loss': float(totals['loss_sum'] / totals['count']),
-            'num_examples': float(totals['count'])}
+            'num_examples': int(totals['count'])}
   if exp.data.tokenizer is not None:
     result['perplexity'] = float(np.exp(result['loss']))
   confusion = totals.get('confusion')
@@ -134,8 +134,10 @@ def evaluate_state(exp: Experiment, state) -> tuple[dict, np.ndarray | None]:
 
 
 def _write_eval(exp, writer, workdir, step, result, confusion):
-  writer.write(step, 'eval', result)
-  writer.log(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
+  split = exp.config.data.eval_split
+  writer.write(step, 'eval', result, tags={'eval_split': split})
+  writer.log(f'eval at step {step} ({split}): ' + ', '.join(
+      f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()))
   if confusion is not None and jax.process_index() == 0:
     np.savetxt(os.path.join(workdir, 'confusion_matrix.csv'), confusion, fmt='%d',
                delimiter=',', header=f'step {step}; rows: true class, columns: predicted')
@@ -285,8 +287,9 @@ def _evaluate_and_write(exp, writer, workdir: str, step: int, state) -> dict:
   return result
 
 
-def _eval_record(workdir: str, step: int) -> dict | None:
-  """The evaluation at `step` in `workdir`'s metrics.jsonl (its metrics), or None."""
+def _eval_record(workdir: str, step: int, split: str) -> dict | None:
+  """The evaluation at `step` on the eval `split` in `workdir`'s metrics.jsonl (its metrics),
+  or None. (--mode=eval may have added evaluations on other splits.)"""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return None
@@ -297,8 +300,10 @@ def _eval_record(workdir: str, step: int) -> dict | None:
         record = json.loads(line)
       except ValueError:  # a line cut short by a kill
         continue
-      if record.get('split') == 'eval' and record.get('step') == step:
-        found = {k: v for k, v in record.items() if k not in ('step', 'split', 'time')}
+      if (record.get('split') == 'eval' and record.get('step') == step
+          and record.get('eval_split', split) == split):  # records before 2026-11-27 lack it
+        found = {k: v for k, v in record.items()
+                 if k not in ('step', 'split', 'time', 'eval_split')}
   return found
 
 
@@ -371,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {}
   if start >= config.total_steps:
     # Process 0's answer for all: the evaluation spans every process.
-    record = _eval_record(workdir, start)
+    record = _eval_record(workdir, start, config.data.eval_split)
     written = record is not None
     if jax.process_count() > 1:
       written = bool(multihost_utils.broadcast_one_to_all(np.int32(written)))

@@ -18,11 +18,12 @@ class MetricWriter:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
 
-  def write(self, step: int, split: str, metrics: dict):
+  def write(self, step: int, split: str, metrics: dict, tags: dict | None = None):
+    """`tags`: strings that go into the metrics.jsonl record only (e.g. the eval split)."""
     if not self.enabled:
       return
     metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    record = {'step': int(step), 'split': split, **metrics, 'time': time.time()}
+    record = {'step': int(step), 'split': split, **(tags or {}), **metrics, 'time': time.time()}
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
     for name, value in metrics.items():

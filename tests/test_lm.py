@@ -62,7 +62,8 @@ def test_launch_gpt_small_cpu_trains_resumes_evaluates_and_samples(tmp_path):
   assert sampled.stdout.startswith('import ') and len(sampled.stdout) > len('import \n')
   evaluated = run_launch(f'--workdir={workdir}', '--mode=eval')  # config from the workdir
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  assert f'eval at step 30: loss {evals[-1]["loss"]:.4f}' in evaluated.stdout
+  assert f'eval at step 30 ({evals[-1]["eval_split"]}): loss {evals[-1]["loss"]:.4f}' in (
+      evaluated.stdout)
 
   # The same from Python: greedy sampling is deterministic and matches the command.
   model, params, tokenizer, config = sample.load_trained(workdir)

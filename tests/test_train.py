@@ -95,10 +95,17 @@ def test_eval_mode_matches_final_eval_and_finished_run_does_not_retrain(tmp_path
   with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
     trained = train.train_and_evaluate(config, str(tmp_path))
     evaluated = train.evaluate(config, str(tmp_path))
+    other = config.copy_and_resolve_references()
+    other.data.eval_split = 'train'  # --mode=eval on other data, at the same step
+    other.max_eval_batches, other.eval_batch_size = 1, 8
+    on_train = train.evaluate(other, str(tmp_path))
     lines_before = len(read_metrics(tmp_path))
     again = train.train_and_evaluate(config, str(tmp_path))
-  assert evaluated == pytest.approx(trained)
-  assert again == pytest.approx(trained)  # the finished run's evaluation (was {})
+  assert evaluated == pytest.approx(trained) and on_train != pytest.approx(trained)
+  assert [r['eval_split'] for r in read_metrics(tmp_path) if r['split'] == 'eval'] == [
+      'test', 'test', 'train']  # each evaluation says which data it used
+  # The finished run's evaluation (was {}), on its own eval split (was the newest line).
+  assert again == pytest.approx(trained)
   assert 'already finished' in capsys.readouterr().out
   assert len(read_metrics(tmp_path)) == lines_before
 
@@ -189,6 +196,15 @@ def test_launch_trains_resumes_and_evaluates(tmp_path):
   evaluated = run_launch(*args, '--mode=eval')
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert 'eval at step 60' in evaluated.stdout
+  # --workdir alone: the run's own config.json, with overrides applied to it.
+  partial = run_launch(f'--workdir={workdir}', '--mode=eval', '--config.max_eval_batches=2')
+  assert 'eval at step 60 (test): loss' in partial.stdout, partial.stderr[-3000:]
+  assert 'num_examples 64\n' in partial.stdout  # 2 batches of 32
+  extended = run_launch(f'--workdir={workdir}', '--config.total_steps=80')
+  assert 'resuming from step 60' in extended.stdout, extended.stderr[-3000:]
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['total_steps'] == 80
+  assert [r['step'] for r in read_metrics(workdir) if r['split'] == 'eval'] == [20, 40, 60, 60,
+                                                                              60, 80]
 
 
 def test_launch_with_tfds_and_a_config_argument(tmp_path):
@@ -241,7 +257,7 @@ def test_launch_usage_mistakes_are_one_line(tmp_path):
            (['--config', 'gpt_small.py'],
             "no such file 'gpt_small.py' (did you mean experiments/gpt_small.py?)"),
            ([f'--workdir={tmp_path}', '--mode=eval'], 'config.json'),
-           ([], '--config=experiments/X.py is required')]
+           ([], 'Pass --config=experiments/X.py')]
   for args, message in cases:
     result = run_launch(*args)
     assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
