@@ -57,6 +57,7 @@ def sample(workdir: str):
   for name in ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p'):
     if FLAGS[name].value is not None:
       settings[name] = FLAGS[name].value
+  tokenizer.encode(settings.prompt)  # a prompt it cannot encode: its error before the prompt
   print(settings.prompt, end='', flush=True)
   sample_lib.sample_text(model, params, tokenizer, settings, jax.random.key(FLAGS.seed),
                          stream=lambda piece: print(piece, end='', flush=True))

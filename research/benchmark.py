@@ -54,6 +54,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
 import numpy as np
@@ -262,6 +263,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   name = flags.FLAGS['config'].config_filename
+  if not FLAGS['verbosity'].present:  # Orbax logs its checkpoint reads at INFO (as launch.py)
+    logging.set_verbosity(logging.WARNING)
   if FLAGS.profile_dir and (FLAGS.against_torch or FLAGS.compile_only or FLAGS.config_b):
     raise app.UsageError('--profile_dir profiles a plain benchmark run: not with '
                          '--against_torch, --compile_only or --config_b.')

@@ -106,7 +106,9 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   c.optimizer.b1 = 0.9             # adam, adamw
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.0   # never applied to biases and norm scales
+  # adamw: decoupled; sgd, adam: L2, added to the gradient (torch.optim.SGD/Adam's weight_decay).
+  # Never applied to biases and norm scales.
+  c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip_norm = 0.0  # 0: no clipping
 
   c.parallel = ml_collections.ConfigDict()
