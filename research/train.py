@@ -359,6 +359,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_tokenizer(exp.data.tokenizer, os.path.join(workdir, 'tokenizer'),
                      exp.ckpt.latest_step())
   state, start = _start(exp, writer)
+  dropped = writer.drop_after(start)
+  if dropped:  # they would be written twice
+    writer.log(f'metrics.jsonl: {dropped} lines after step {start} removed (the steps they '
+               'describe were not checkpointed and run again now).')
   params = exp.compiled.get_state(state).params
   num_params = sum(x.size for x in jax.tree.leaves(params))
   if config.model.name == 'gpt':

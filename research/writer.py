@@ -29,6 +29,28 @@ class MetricWriter:
     for name, value in metrics.items():
       self._tb.add_scalar(f'{split}/{name}', value, step)
 
+  def drop_after(self, step: int) -> int:
+    """Removes the metrics.jsonl records of steps after `step` (a resumed run recomputes them:
+    they came from steps whose state was never checkpointed); returns how many."""
+    if not self.enabled:
+      return 0
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path, encoding='utf-8') as f:
+      lines = f.readlines()
+    def kept(line):
+      try:
+        return json.loads(line)['step'] <= step
+      except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return False
+    keep = [line for line in lines if kept(line)]
+    if len(keep) < len(lines):
+      with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        f.writelines(keep)
+      os.replace(path + '.tmp', path)
+    self._jsonl = open(path, 'a', encoding='utf-8')
+    return len(lines) - len(keep)
+
   def log(self, message: str):
     if self.enabled:
       print(message, flush=True)

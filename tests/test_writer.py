@@ -1,0 +1,32 @@
+"""Tests for research/writer.py: metrics.jsonl records after a resume."""
+import json
+
+from research import writer as writer_lib
+
+
+def test_drop_after_removes_later_records_and_a_cut_line(tmp_path):
+  """A run killed after its last checkpoint resumes there and logs those steps again: their old
+  records (and a line cut short by the kill, which the next record would be appended to) go."""
+  writer = writer_lib.MetricWriter(str(tmp_path))
+  for step in (10, 20, 30):
+    writer.write(step, 'train', {'loss': step / 10})
+  writer.write(20, 'eval', {'loss': 0.5}, tags={'eval_split': 'test'})
+  writer._jsonl.write('{"step": 40, "spl')  # pylint: disable=protected-access
+  writer._jsonl.flush()  # pylint: disable=protected-access
+  assert writer.drop_after(20) == 2  # step 30 and the cut line
+  writer.write(30, 'train', {'loss': 9.0})
+  writer.close()
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r['split'], r['loss']) for r in records] == [
+      (10, 'train', 1.0), (20, 'train', 2.0), (20, 'eval', 0.5), (30, 'train', 9.0)]
+  assert records[2]['eval_split'] == 'test'
+  assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_drop_after_keeps_everything_up_to_the_step(tmp_path):
+  writer = writer_lib.MetricWriter(str(tmp_path))
+  writer.write(5, 'train', {'loss': 1.0})
+  assert writer.drop_after(5) == 0
+  assert writer_lib.MetricWriter(str(tmp_path), enabled=False).drop_after(0) == 0
+  writer.close()
+  assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 1
