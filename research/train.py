@@ -140,7 +140,8 @@ def _write_eval(exp, writer, workdir, step, result, confusion):
       f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()))
   if confusion is not None and jax.process_index() == 0:
     np.savetxt(os.path.join(workdir, 'confusion_matrix.csv'), confusion, fmt='%d',
-               delimiter=',', header=f'step {step}; rows: true class, columns: predicted')
+               delimiter=',', header=f'step {step}, {split}; rows: true class, columns: '
+               'predicted')
 
 
 def _write_samples(exp, writer, workdir, step, params):
