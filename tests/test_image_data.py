@@ -275,3 +275,29 @@ def test_synthetic_linear_splits_take_slices_and_unknown_ones_are_named():
   np.testing.assert_array_equal(part[7]['inputs'], whole[7]['inputs'])
   with pytest.raises(image.DataError, match="splits train and test, not 'validation'"):
     image.synthetic_linear_source('validation', 1000, 2.0, 0.0, 0.01, seed=0)
+
+
+def test_random_crop_draws_every_offset_including_both_far_edges():
+  """Catches random crop offsets drawn from randint(0, 2 * padding) (exclusive: the crop
+  shifted fully to the far edge, offset 2p, never drawn) or one past it. Every pixel of the
+  image is distinct and non-zero, so each crop reveals its offset in the zero-padded image."""
+  pad, n, size = 2, 256, 5
+  pixels = np.arange(1, size * size + 1, dtype=np.float32).reshape(1, size, size, 1)
+  x = np.repeat(pixels, n, axis=0)
+  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+  def offsets(out):
+    found = []
+    for i in range(n):
+      at = [(r, c) for r in range(2 * pad + 1) for c in range(2 * pad + 1)
+            if np.array_equal(padded[i, r:r + size, c:c + size], out[i])]
+      assert len(at) == 1, f'example {i} is not one crop of its padded image'
+      found.append(at[0])
+    return found
+
+  crop = jax.jit(image._random_crop_flip, static_argnums=(2, 3))  # pylint: disable=protected-access
+  preprocess = image.make_preprocess(data_config(crop_padding=pad))  # the train step's path
+  for out in (crop(jnp.asarray(x), jax.random.key(0), pad, False),
+              preprocess(jnp.asarray(x), jax.random.key(1), train=True)):
+    rows, cols = zip(*offsets(np.asarray(out)))
+    assert set(rows) == set(cols) == set(range(2 * pad + 1))  # 0 .. 2p, both edges included

@@ -3,6 +3,7 @@
 The kill and preemption tests run the real launch.py in a subprocess and send real signals.
 When to interrupt is chosen by step count (the progress line of step 20), never by sleeping.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 
 from research import checkpoint
 from research import config as config_lib
+from research import data as data_lib
 from research import optim
 from research import train
 from tests.conftest import ROOT
@@ -79,6 +81,9 @@ def test_sigkill_then_relaunch_is_bitwise_identical(tmp_path, uninterrupted):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'resuming from step {saved}' in resumed.stdout
   assert last_records(workdir) == uninterrupted
+  # The steps after the checkpoint were logged before the kill and again after it: once now.
+  keys = [(r['step'], r['split']) for r in read_metrics(workdir)]
+  assert len(keys) == len(set(keys)) == len(uninterrupted)
 
 
 @pytest.mark.parametrize('sig, label, status', [(signal.SIGTERM, 'SIGTERM', 0),
@@ -496,3 +501,79 @@ def test_the_logged_learning_rate_is_the_schedule_at_each_windows_last_step(tmp_
   for step, value in logged.items():
     assert value == pytest.approx(float(schedule(step - 1)), rel=1e-6)
   assert len(set(logged.values())) == 3  # a schedule that moves, not a constant
+
+
+@pytest.mark.parametrize('keep', [1, 3])
+def test_workdir_needs_room_for_keep_plus_one_checkpoints(tmp_path, monkeypatch, keep):
+  """Catches the free-space check counting fewer than keep + 1 checkpoints (Orbax writes the
+  next one before it deletes the oldest of the `keep` kept): room for exactly `keep` is
+  refused, with the message; room for keep + 1 is enough."""
+  state_bytes = 3 << 20  # 3 MiB
+  free = {}
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda path: shutil._ntuple_diskusage(1 << 40, 0, free['bytes']))  # pylint: disable=protected-access
+  free['bytes'] = keep * state_bytes
+  with pytest.raises(OSError, match=rf'has {3 * keep} MiB free but {keep} \+ 1 checkpoints of '
+                                    rf'3 MiB need {3 * (keep + 1)} MiB'):
+    checkpoint.check_workdir(str(tmp_path), state_bytes, keep)
+  free['bytes'] = (keep + 1) * state_bytes - 1
+  with pytest.raises(OSError, match='lower config.keep_checkpoints'):
+    checkpoint.check_workdir(str(tmp_path), state_bytes, keep)
+  free['bytes'] = (keep + 1) * state_bytes
+  checkpoint.check_workdir(str(tmp_path), state_bytes, keep)  # exactly enough
+
+
+@pytest.mark.parametrize('keep', [1, 3])
+def test_setup_checks_room_for_config_keep_checkpoints_plus_one(tmp_path, monkeypatch, keep):
+  """The same through train.setup: config.keep_checkpoints (not another count) + 1 states."""
+  config = cpu_config('linear_regression', keep_checkpoints=keep)
+  exp = train.setup(config, str(tmp_path / 'probe'))
+  size = checkpoint.state_bytes(jax.eval_shape(exp.compiled.init_state, exp.init_rng))
+  assert size > 0
+  free = {}
+  monkeypatch.setattr(shutil, 'disk_usage',
+                      lambda path: shutil._ntuple_diskusage(1 << 40, 0, free['bytes']))  # pylint: disable=protected-access
+  free['bytes'] = (keep + 1) * size - 1
+  with pytest.raises(OSError, match=rf'but {keep} \+ 1 checkpoints of .* lower '
+                                    r'config\.keep_checkpoints'):
+    train.setup(config, str(tmp_path / 'run'))
+  free['bytes'] = (keep + 1) * size
+  train.setup(config, str(tmp_path / 'run'))
+
+
+def test_skipped_steps_are_summed_per_window_and_the_rate_follows_the_updates_made(
+    tmp_path, monkeypatch):
+  """config.nonfinite=skip with some steps skipped, in windows of several steps. Catches the
+  window's skipped steps averaged instead of counted (0.5 for 2 of 4), and the logged
+  learning rate taken from the step (or from the window's first step's update count) instead
+  of the optimizer's count after the window's last step (that of the last update made).
+
+  The batches of steps 2, 3 and 6 (1-based) hold NaN inputs, so exactly those are skipped."""
+  bad = {1, 2, 5}  # 0-based steps
+  build = data_lib.build
+
+  def build_with_nans(config):
+    data = build(config)
+    clean = data.train_batches
+
+    def train_batches(start):
+      for step, batch in enumerate(clean(start), start):
+        yield dict(batch, inputs=np.full_like(batch['inputs'], np.nan)) if step in bad else batch
+    return dataclasses.replace(data, train_batches=train_batches)
+  monkeypatch.setattr(data_lib, 'build', build_with_nans)
+  config = cpu_config('linear_regression', total_steps=8, log_every_steps=4,
+                      checkpoint_every_steps=8, eval_every_steps=8, nonfinite='skip',
+                      **{'optimizer.schedule': 'warmup_cosine', 'optimizer.warmup_steps': 0,
+                         'optimizer.min_learning_rate': 0.0})
+  train.train_and_evaluate(config, str(tmp_path))
+  lines = [r for r in read_metrics(tmp_path) if r['split'] == 'train']
+  assert [r['step'] for r in lines] == [4, 8]
+  assert [r['skipped'] for r in lines] == [2.0, 1.0]  # steps 2, 3 of 1-4; step 6 of 5-8
+  assert all(np.isfinite(r['loss']) for r in lines)  # the mean of the steps that were made
+  # Updates made: 2 by step 4, 5 by step 8; the rate logged is that of the last one made.
+  schedule = optim.make_schedule(config_lib.resolve(config).optimizer, 8)
+  assert [r['learning_rate'] for r in lines] == pytest.approx(
+      [float(schedule(1)), float(schedule(4))], rel=1e-6)
+  assert len({float(schedule(c)) for c in range(8)}) == 8  # each count its own rate
+  step, params = final_params(config, str(tmp_path))
+  assert step == 8 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -239,3 +239,50 @@ def test_empty_or_missing_corpus_is_a_clear_error(tmp_path):
     text.load_text(str(tmp_path / 'nothing-*.txt'))
   with pytest.raises(ValueError, match='too few'):
     text.LMDataset(np.arange(10), seq_len=10, batch_size=1)
+
+
+def test_window_starts_cover_every_possible_start_including_the_last():
+  """Catches an off-by-one in LMDataset.batch's random window starts: the last window (whose
+  target is the last token) was never drawn, nor, with the range one too long, a start past
+  it (a window running off the end). Window content reveals its start."""
+  tokens = np.arange(20, dtype=np.int32)
+  seq_len = 4  # windows of 5 tokens: starts 0..15
+  ds = text.LMDataset(tokens, seq_len=seq_len, batch_size=8, seed=0)
+  starts = set()
+  for step in range(200):
+    batch = ds.batch(step)
+    np.testing.assert_array_equal(batch['inputs'], batch['inputs'][:, :1] + np.arange(seq_len))
+    starts.update(batch['inputs'][:, 0].tolist())
+  assert starts == set(range(len(tokens) - seq_len))
+  assert max(ds.batch(step)['targets'].max() for step in range(200)) == len(tokens) - 1
+
+
+def test_bpe_is_learnt_from_the_train_split_only(tmp_path):
+  """Catches the BPE tokenizer being trained on train + validation text (validation text
+  leaking into the vocabulary). The validation document (every 10th) is made of characters
+  and a word the training documents never use: none of them may be a piece of the learnt
+  vocabulary, so the validation text is encoded as byte fallbacks."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  words = ['the', 'cat', 'sat', 'on', 'mat', 'and', 'dog', 'ran', 'far', 'away']
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(10):
+    body = ' '.join(rng.choice(words, 400)) + '\n'
+    (corpus / f'{i:02d}.txt').write_text(body if i != 9 else 'Ж zyzzyva ' * 200 + '\n',
+                                         encoding='utf-8')
+  splits = text.load_text(str(corpus))
+  assert splits['validation'] == [('Ж zyzzyva ' * 200) + '\n']  # the 10th document
+  data = text.build_lm_data(str(corpus), 'bpe', seq_len=8, batch_size=2, seed=0,
+                            vocab_size=300, cache_dir=str(tmp_path / 'cache'))
+  sp = spm.SentencePieceProcessor(model_proto=data.tokenizer.model_proto)
+  train_chars = set(''.join(splits['train']))
+  learnt = [sp.id_to_piece(i).replace('\u2581', ' ') for i in range(sp.vocab_size())
+            if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
+  assert len(learnt) > 20  # characters and merges of the training text
+  assert 'the' in learnt or ' the' in learnt or 'the ' in learnt
+  unseen = [piece for piece in learnt if not set(piece) <= train_chars]
+  assert not unseen, f'pieces learnt from the validation text: {unseen}'
+  # Each byte of the unseen word is its own byte-fallback token.
+  assert len(data.tokenizer.encode('zyzzyva')) == 7
+  assert len(data.tokenizer.encode('Ж')) == len('Ж'.encode('utf-8'))

@@ -407,3 +407,61 @@ def test_metrics_are_written_without_waiting_for_the_step_in_flight(tmp_path):
   (record,) = read_metrics(tmp_path)
   assert record['loss'] == 1.0 and record['grad_norm'] == 2.0
   assert record['learning_rate'] == pytest.approx(float(schedule(2)))  # of the window's last step
+
+
+def _setup_mnist_mlp(tmp_path, **overrides):
+  """train.setup of a tiny MLP on mocked MNIST, its initial state and its first train batch."""
+  config = cpu_config('mnist_mlp', **{'model.hidden_sizes': (16,), 'model.dropout_rate': 0.0,
+                                      **overrides})
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    exp = train.setup(config, str(tmp_path))
+    state, _ = train.restore_or_init(exp)
+    batch = next(exp.data.train_batches(0))
+  return exp, state, batch
+
+
+@pytest.mark.parametrize('grad_accum_steps', [1, 2])
+def test_config_label_smoothing_reaches_the_compiled_train_step(tmp_path, grad_accum_steps):
+  """Catches train.setup not passing config.label_smoothing to steps.make_steps (the step
+  then trains on the plain cross-entropy; cifar10_resnet sets 0.1): the first step's loss is
+  the smoothed cross-entropy of the initial logits, computed here with numpy."""
+  exp, state, batch = _setup_mnist_mlp(tmp_path, label_smoothing=0.1,
+                                       grad_accum_steps=grad_accum_steps)
+  params = jax.device_get(exp.compiled.get_state(state).params)
+  inputs = image.make_preprocess(exp.config.data)(jax.numpy.asarray(batch['inputs']), None,
+                                                  train=False)
+  logits = np.asarray(exp.model.apply({'params': params}, inputs, train=False), np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  labels = np.asarray(batch['targets'])
+  nll = -log_probs[np.arange(len(labels)), labels]
+  smoothed = 0.9 * nll - 0.1 * log_probs.mean(-1)  # 0.1 spread over the 10 classes
+  assert abs(smoothed.mean() - nll.mean()) > 1e-3  # the two losses are told apart
+  _, metrics = exp.compiled.train_step(state, exp.compiled.put_batch(batch), exp.rng)
+  np.testing.assert_allclose(float(metrics['loss']), smoothed.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize('grad_accum_steps', [1, 2, 4])
+def test_config_grad_accum_steps_reaches_the_compiled_train_step(tmp_path, grad_accum_steps):
+  """Catches train.setup not passing config.grad_accum_steps to steps.make_steps (the whole
+  batch then runs at once: the memory the setting exists to save is not saved, silently).
+  Accumulation is a loop over micro-batches of batch_size / grad_accum_steps rows in the
+  compiled step; without it there is no loop and the rows are never split."""
+  exp, state, batch = _setup_mnist_mlp(tmp_path, grad_accum_steps=grad_accum_steps,
+                                       batch_size=32)
+  hlo = exp.compiled.train_step.lower(state, exp.compiled.put_batch(batch), exp.rng).as_text()
+  assert ('stablehlo.while' in hlo) == (grad_accum_steps > 1)
+  micro = f'tensor<{grad_accum_steps}x{32 // grad_accum_steps}x28x28x1x'
+  assert (micro in hlo) == (grad_accum_steps > 1), micro
+
+
+def test_max_eval_batches_evaluates_exactly_that_many_batches(tmp_path):
+  """Catches an off-by-one in evaluate_state's cap (`i > max_eval_batches` evaluated one batch
+  more): max_eval_batches=N is N batches of eval_batch_size examples; 0 is the whole split."""
+  config = cpu_config('linear_regression', eval_batch_size=8)
+  exp = train.setup(config, str(tmp_path))
+  state, _ = train.restore_or_init(exp)
+  counted = {}
+  for cap in (0, 1, 2):
+    exp.config.max_eval_batches = cap
+    counted[cap] = train.evaluate_state(exp, state)[0]['num_examples']
+  assert counted == {0: 1000, 1: 8, 2: 16}
