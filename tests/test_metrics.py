@@ -86,3 +86,62 @@ def test_squared_error():
   # targets of shape (n,) against predictions (n, 1), as in 1-D regression
   np.testing.assert_allclose(
       metrics.squared_error(jnp.array([[1.0], [3.0]]), jnp.array([0.5, 1.0])), [0.25, 4.0])
+
+
+def test_cpu_peak_flops_are_the_hosts_cores_shared_by_its_devices(monkeypatch):
+  """MFU's denominator on CPU: simulated CPU devices share the host's cores, so one device's
+  peak is per-core FLOP/s x cores / devices, and all devices together have the host's
+  per-core x cores, however many devices are simulated. Catches the division by the device
+  count dropped (an 8-device run's peak, and so its MFU, off by 8x)."""
+  import os  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(metrics, 'cpu_flops_per_core', lambda: 1e9)
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(6)), raising=False)
+  monkeypatch.setattr(os, 'cpu_count', lambda: 6)
+  device, n = jax.devices()[0], jax.device_count()  # conftest simulates 8
+  assert device.platform == 'cpu'
+  assert metrics.peak_flops(device) == (pytest.approx(6e9 / n), True)
+  assert metrics.total_peak_flops() == (pytest.approx(6e9), True)
+  monkeypatch.setattr(jax, 'device_count', lambda: 3)
+  assert metrics.peak_flops(device) == (pytest.approx(2e9), True)
+  assert metrics.total_peak_flops() == (pytest.approx(6e9), True)
+
+
+def test_accelerator_peak_flops_are_per_chip_times_chips(monkeypatch):
+  import types  # pylint: disable=g-import-not-at-top
+  h100 = types.SimpleNamespace(device_kind='NVIDIA H100 80GB HBM3', platform='gpu')
+  assert metrics.peak_flops(h100) == (989e12, False)
+  monkeypatch.setattr(jax, 'devices', lambda: [h100] * 4)
+  monkeypatch.setattr(jax, 'device_count', lambda: 4)
+  assert metrics.total_peak_flops() == (4 * 989e12, False)
+  unknown = types.SimpleNamespace(device_kind='Mystery chip', platform='gpu')
+  flops, estimated = metrics.peak_flops(unknown)
+  assert np.isnan(flops) and estimated
+
+
+def test_train_throughput_and_mfu_formulas():
+  """train._write_train: tokens/s = examples/s x seq_len and MFU = FLOPs per token x tokens/s /
+  the peak FLOP/s of all devices. A window of 2 steps at 0.5 s per step, batch 8, seq_len 128:
+  16 examples/s, 2048 tokens/s; 1e6 FLOPs per token against 1e12 FLOP/s: MFU 2.048e-3."""
+  import types  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from research import train  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(batch_size=8, total_steps=100,
+                                          data=dict(seq_len=128)))
+  exp = types.SimpleNamespace(config=config, learning_rates=[0.1] * 100, flops_per_token=1e6,
+                              peak_flops=1e12, ckpt=None)
+  written = []
+  writer = types.SimpleNamespace(write=lambda step, split, values: written.append(values),
+                                 log=lambda line: None)
+  clock = types.SimpleNamespace(seconds_per_step=lambda step: 0.5)
+  window = [{'loss': np.float32(1.0), 'grad_norm': np.float32(2.0)},
+            {'loss': np.float32(3.0), 'grad_norm': np.float32(4.0)}]
+  train._write_train(exp, writer, 10, window, clock)  # pylint: disable=protected-access
+  (values,) = written
+  assert values['loss'] == 2.0 and values['grad_norm'] == 3.0
+  assert values['examples_per_sec'] == pytest.approx(16.0)
+  assert values['tokens_per_sec'] == pytest.approx(16.0 * 128)
+  assert values['mfu'] == pytest.approx(1e6 * 2048 / 1e12)
+  # Not a language model (no FLOPs per token): no tokens/s or MFU.
+  exp.flops_per_token, written[:] = 0.0, []
+  train._write_train(exp, writer, 10, window, clock)  # pylint: disable=protected-access
+  assert 'tokens_per_sec' not in written[0] and 'mfu' not in written[0]

@@ -296,3 +296,81 @@ def test_threefry_fusion_warns_where_jax_internals_moved(monkeypatch):
   monkeypatch.setattr(mlir, 'register_lowering', moved)
   with pytest.warns(UserWarning, match="could not fuse JAX's threefry"):
     assert not models.fuse_threefry_on_cpu()
+
+
+def torch_cnn_forward(torch, params, x, name):
+  """An independent PyTorch forward of LeNet-5 / the Keras MNIST CNN from Flax's weights:
+  conv (VALID) -> ReLU -> 2x2 max-pool blocks, flatten in Flax's NHWC order, dense layers with
+  a ReLU after every hidden one."""
+  F = torch.nn.functional
+  t = lambda a: torch.tensor(np.asarray(a))
+  h = t(x).permute(0, 3, 1, 2)  # NHWC -> NCHW
+  convs = sorted(k for k in params if k.startswith('Conv_'))
+  denses = sorted(k for k in params if k.startswith('Dense_'))
+  pooled = {'lenet5': 2, 'mnist_cnn': 2}[name]  # the first two convolutions are pooled
+  for i, k in enumerate(convs):
+    h = F.relu(F.conv2d(h, t(params[k]['kernel']).permute(3, 2, 0, 1), t(params[k]['bias'])))
+    if i < pooled:
+      h = F.max_pool2d(h, 2)
+  h = h.permute(0, 2, 3, 1).reshape(h.shape[0], -1)  # flatten as NHWC
+  for i, k in enumerate(denses):
+    h = h @ t(params[k]['kernel']) + t(params[k]['bias'])
+    if i < len(denses) - 1:
+      h = F.relu(h)
+  return h.numpy()
+
+
+@pytest.mark.parametrize('name,shape', [('lenet5', (4, 32, 32, 3)), ('mnist_cnn', (4, 28, 28, 1))])
+def test_cnn_forward_matches_torch_reference(name, shape):
+  """Catches a missing (or extra) activation or pooling layer, e.g. LeNet's ReLU after the
+  120-unit dense layer dropped, which the parameter counts cannot see."""
+  torch = pytest.importorskip('torch')
+  model = build(name, num_classes=10)
+  x = np.asarray(jax.random.normal(jax.random.key(1), shape), np.float32)
+  params = model.init(jax.random.key(0), jnp.asarray(x))['params']
+  got = np.asarray(model.apply({'params': params}, jnp.asarray(x)))
+  with torch.no_grad():
+    expected = torch_cnn_forward(torch, params, x, name)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def resnet_with_intermediates(stage_sizes=(2, 2)):
+  model = build('resnet', num_classes=10, stage_sizes=stage_sizes, width=4)
+  x = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
+  variables = model.init(jax.random.key(0), x)
+  logits, state = model.apply(variables, x, capture_intermediates=True)
+  out = lambda name: state['intermediates'][name]['__call__'][0]
+  return variables, logits, out
+
+
+def test_resnet_head_is_global_average_pool():
+  """Catches the global average pool replaced (e.g. by a max pool): the logits are the Dense
+  head applied to the spatial mean of the last residual block's output."""
+  variables, logits, out = resnet_with_intermediates()
+  features = out('ResidualBlock_3')  # [batch, 4, 4, 8] after stage 2's stride-2 block
+  assert features.shape == (3, 4, 4, 8)
+  assert not np.allclose(features.mean((1, 2)), features.max((1, 2)))  # pools differ here
+  head = variables['params']['Dense_0']
+  expected = features.mean((1, 2)) @ head['kernel'] + head['bias']
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_blocks_zero_init_their_last_batchnorm_scale():
+  """Catches the zero initialisation of each residual block's last BatchNorm scale (Goyal et
+  al. 2017) dropped: that scale starts at 0 (the others at 1), so at initialisation every
+  block is its shortcut: relu(x) for an identity one, relu(projection(x)) otherwise."""
+  variables, _, out = resnet_with_intermediates()
+  params = variables['params']
+  blocks = sorted(k for k in params if k.startswith('ResidualBlock_'))
+  assert len(blocks) == 4
+  for name in blocks:
+    block = params[name]
+    np.testing.assert_array_equal(block['BatchNorm_1']['scale'], 0.0, err_msg=name)
+    np.testing.assert_array_equal(block['BatchNorm_0']['scale'], 1.0, err_msg=name)
+    if 'BatchNorm_2' in block:  # the projection shortcut's norm is not zeroed
+      np.testing.assert_array_equal(block['BatchNorm_2']['scale'], 1.0, err_msg=name)
+  # Behaviour: the first block has an identity shortcut, so its output is its (non-negative,
+  # post-ReLU) input, the stem's relu(BatchNorm(conv(x))).
+  stem = nn.relu(out('BatchNorm_0'))
+  np.testing.assert_allclose(out('ResidualBlock_0'), stem, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out('ResidualBlock_1'), stem, rtol=1e-6, atol=1e-6)

@@ -168,3 +168,81 @@ def test_unknown_names_raise_naming_the_key():
     optim.make_optimizer(opt_config(name='adamm'), total_steps=10)
   with pytest.raises(ValueError, match=r"config\.optimizer\.schedule='cosine'"):
     optim.make_optimizer(opt_config(schedule='cosine'), total_steps=10)
+
+
+# Gradients of very different global norms (10, 0.5, 3): clipping at 1 changes the first and
+# last, and later Adam/momentum steps depend on the earlier (clipped) gradients.
+CLIP_GRADS = [np.array([[6.0, 0.0], [0.0, 8.0]], np.float32),
+              np.array([[0.3, -0.4], [0.0, 0.0]], np.float32),
+              np.array([[-1.0, 2.0], [2.0, 0.0]], np.float32)]
+
+
+def run_optax_on_grads(tx, grads_seq):
+  params = {'kernel': jnp.zeros((2, 2))}
+  state = tx.init(params)
+  for g in grads_seq:
+    updates, state = tx.update({'kernel': jnp.asarray(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+  return np.asarray(params['kernel'])
+
+
+def run_torch_clipped(torch, make, grads_seq, max_norm):
+  w = torch.zeros((2, 2), requires_grad=True)
+  opt = make([w])
+  for g in grads_seq:
+    opt.zero_grad()
+    w.grad = torch.tensor(g)
+    torch.nn.utils.clip_grad_norm_([w], max_norm)  # clips the gradient, before the step
+    opt.step()
+  return w.detach().numpy()
+
+
+def test_adam_clips_gradients_before_the_update():
+  """Catches the clipping transform chained after Adam (clipping its updates, not the
+  gradients): the result must equal plain Adam fed gradients rescaled to global norm <= 1."""
+  c = opt_config(name='adam', learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                 grad_clip_norm=1.0)
+  tx, _ = optim.make_optimizer(c, total_steps=100)
+  clipped = [g / max(1.0, np.linalg.norm(g)) for g in CLIP_GRADS]
+  assert np.isclose(np.linalg.norm(CLIP_GRADS[0]), 10.0)
+  expected = run_optax_on_grads(optax.adam(0.1, b1=0.9, b2=0.999, eps=1e-8), clipped)
+  unclipped = run_optax_on_grads(optax.adam(0.1, b1=0.9, b2=0.999, eps=1e-8), CLIP_GRADS)
+  assert not np.allclose(expected, unclipped, atol=1e-4)  # the clipping matters here
+  np.testing.assert_allclose(run_optax_on_grads(tx, CLIP_GRADS), expected, rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adam'])
+def test_grad_clipping_matches_torch_clip_grad_norm(name):
+  """Same as above against torch: clip_grad_norm_ then the optimizer's step. SGD with lr != 1
+  and momentum also catches clipping after the optimizer (lr=1, momentum 0 does not)."""
+  torch = pytest.importorskip('torch')
+  if name == 'sgd':
+    c = opt_config(name='sgd', learning_rate=0.1, momentum=0.9, nesterov=False,
+                   weight_decay=0.0, grad_clip_norm=1.0)
+    make = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)
+  else:
+    c = opt_config(name='adam', learning_rate=0.1, b1=0.9, b2=0.999, eps=1e-8,
+                   weight_decay=0.0, grad_clip_norm=1.0)
+    make = lambda p: torch.optim.Adam(p, lr=0.1, betas=(0.9, 0.999), eps=1e-8)
+  tx, _ = optim.make_optimizer(c, total_steps=100)
+  expected = run_torch_clipped(torch, make, CLIP_GRADS, max_norm=1.0)
+  np.testing.assert_allclose(run_optax_on_grads(tx, CLIP_GRADS), expected, rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['adam', 'adamw'])
+def test_adam_eps_from_config_is_used(name):
+  """Catches config.optimizer.eps being ignored (optax's default 1e-8 used instead): with
+  eps=0.1 and gradients of about that size, the update differs from eps=1e-8 by ~2x."""
+  torch = pytest.importorskip('torch')
+  grads = [0.1 * g / np.linalg.norm(g) for g in CLIP_GRADS]
+  c = opt_config(name=name, learning_rate=0.1, b1=0.9, b2=0.999, eps=0.1, weight_decay=0.0,
+                 grad_clip_norm=0.0)
+  tx, _ = optim.make_optimizer(c, total_steps=100)
+  cls = {'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}[name]
+  expected = run_torch_clipped(torch, lambda p: cls(p, lr=0.1, betas=(0.9, 0.999), eps=0.1,
+                                                     weight_decay=0.0), grads, max_norm=1e9)
+  tiny_eps = run_optax_on_grads(optax.adam(0.1, b1=0.9, b2=0.999, eps=1e-8), grads)
+  assert not np.allclose(expected, tiny_eps, rtol=0.1)  # eps matters at this scale
+  np.testing.assert_allclose(run_optax_on_grads(tx, grads), expected, rtol=1e-5, atol=1e-6)

@@ -136,3 +136,87 @@ def test_a_tail_that_never_makes_a_whole_character_is_still_streamed():
                             stream=streamed.append)
   assert text and '\ufffd' in text
   assert ''.join(streamed) == text
+
+
+# Distribution tests: sample_logits on DRAWS identical rows of fixed logits (one call, one key;
+# every row is an independent draw), empirical frequencies against numpy.
+DRAWS = 20_000
+PROBS = np.array([0.5, 0.3, 0.15, 0.04, 0.01])
+
+
+def frequencies(temperature, top_k=None, top_p=None, seed=0):
+  logits = jnp.tile(jnp.log(jnp.asarray(PROBS, jnp.float32)), (DRAWS, 1))
+  ids = sample.sample_logits(logits, jax.random.key(seed), temperature, top_k, top_p)
+  assert ids.shape == (DRAWS,) and ids.dtype == jnp.int32
+  return np.bincount(np.asarray(ids), minlength=len(PROBS)) / DRAWS
+
+
+def softmax_kept(temperature, keep):
+  p = np.exp(np.log(PROBS) / temperature) * np.asarray(keep, np.float64)
+  return p / p.sum()
+
+
+@pytest.mark.parametrize('temperature', [0.5, 2.0])
+def test_sample_logits_frequencies_follow_temperature(temperature):
+  """Catches temperature ignored (logits not divided by it): at T=0.5 the top token's
+  probability is 0.69, not 0.5; at T=2 it is 0.35."""
+  want = softmax_kept(temperature, [1, 1, 1, 1, 1])
+  assert np.abs(want - PROBS).max() > 0.1  # the temperature matters by far more than the noise
+  np.testing.assert_allclose(frequencies(temperature), want, atol=0.012)
+
+
+def test_sample_logits_frequencies_with_top_p():
+  """Catches top_p ignored: 0.7 keeps {0.5, 0.3}, renormalised to 0.625 / 0.375."""
+  freq = frequencies(1.0, top_p=0.7)
+  np.testing.assert_allclose(freq, softmax_kept(1.0, [1, 1, 0, 0, 0]), atol=0.012)
+  assert freq[2:].sum() == 0
+  # With temperature too: the nucleus of softmax(logits / 0.5) = [0.69, 0.25, ...] at p=0.9
+  # is {0.69, 0.25}, renormalised.
+  np.testing.assert_allclose(frequencies(0.5, top_p=0.9, seed=1),
+                             softmax_kept(0.5, [1, 1, 0, 0, 0]), atol=0.012)
+
+
+def test_sample_logits_frequencies_with_top_k():
+  """Catches top_k ignored: 2 keeps the two most likely tokens, renormalised."""
+  freq = frequencies(1.0, top_k=2)
+  np.testing.assert_allclose(freq, softmax_kept(1.0, [1, 1, 0, 0, 0]), atol=0.012)
+  assert freq[2:].sum() == 0
+  np.testing.assert_allclose(frequencies(0.5, top_k=3, seed=2),
+                             softmax_kept(0.5, [1, 1, 1, 0, 0]), atol=0.012)
+
+
+def test_each_generated_token_gets_its_own_randomness(params):
+  """Catches generate's step reusing one key for every token (no fold_in of the position): at
+  a huge temperature the logits hardly matter, so one key gives the same Gumbel noise, and so
+  the same token, at every position. With a key per position 12 tokens from ~50 equally likely
+  ones are not all the same (chance 50**-11) in any row."""
+  tokens = sample.generate(MODEL, params, PROMPT, max_new_tokens=12, rng=jax.random.key(3),
+                           temperature=1e6)
+  for row in tokens:
+    assert len(set(row.tolist())) > 3, row
+
+
+def make_text_model():
+  from research.data import tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.ByteTokenizer()
+  model = GPT(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32)
+  weights = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))['params'])
+  return model, weights, tokenizer
+
+
+def test_sample_text_uses_top_k_and_top_p_from_the_config():
+  """Catches sample_text dropping config.sample.top_k (or top_p): top_k=1, or a nucleus of
+  one token, at temperature 1.5 must give exactly the greedy text; sampling all 257 byte ids
+  at 1.5 from a random model does not."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  model, weights, tokenizer = make_text_model()
+  settings = lambda **kw: ml_collections.ConfigDict(dict(
+      dict(prompt='abc', max_new_tokens=10, temperature=0.0, top_k=0, top_p=0.0), **kw))
+  greedy = sample.sample_text(model, weights, tokenizer, settings(), None)
+  rng = jax.random.key(5)
+  free = sample.sample_text(model, weights, tokenizer, settings(temperature=1.5), rng)
+  assert free != greedy  # the sampling itself is not greedy
+  for top_k, top_p in [(1, 0.0), (0, 1e-6)]:
+    filtered = sample.sample_text(model, weights, tokenizer,
+                                  settings(temperature=1.5, top_k=top_k, top_p=top_p), rng)
+    assert filtered == greedy, (top_k, top_p)
