@@ -284,3 +284,98 @@ def test_cpu_batch_parts_only_on_cpus():
   config.parallel.cpu_batch_parts = 2
   assert parallel.batch_parts(config.parallel, parallel.make_mesh(config.parallel)) == 2
   assert parallel.batch_parts(config.parallel, GpuMesh()) == 1
+
+
+def test_evaluation_agrees_on_1_device_jit_8_and_pmap_8(tmp_path):
+  """Catches pmap's eval_step not summing over devices (lax.psum dropped, or lax.pmean): each
+  device's sums would be 1/8 of the batch's. 60 examples in batches of 32: the last one padded."""
+  results = {}
+  with tfds.testing.mock_data(num_examples=60, policy=tfds.testing.MockPolicy.USE_CODE):
+    for mode, devices in (('jit', 1), ('jit', 8), ('pmap', 8)):
+      config = cpu_config('mnist_cnn', batch_size=32)
+      config.parallel.mode, config.parallel.num_devices = mode, devices
+      exp = train.setup(config, str(tmp_path / f'{mode}{devices}'))
+      state, _ = train.restore_or_init(exp)
+      results[mode, devices] = train.evaluate_state(exp, state)
+  ref, ref_confusion = results['jit', 1]
+  assert ref['num_examples'] == 60 and ref_confusion.sum() == 60
+  assert np.isfinite(ref['loss'])
+  for key in (('jit', 8), ('pmap', 8)):
+    result, confusion = results[key]
+    assert result['num_examples'] == 60, key
+    np.testing.assert_array_equal(confusion, ref_confusion, err_msg=str(key))
+    np.testing.assert_allclose(result['loss'], ref['loss'], rtol=1e-5, err_msg=str(key))
+    for metric, value in ref.items():
+      np.testing.assert_allclose(result[metric], value, rtol=1e-5, err_msg=f'{key} {metric}')
+
+
+def test_pmap_draws_dropout_and_augmentation_per_device():
+  """Catches the pmap step dropping `fold_in(rng, axis_index)`: every device would then draw
+  the same dropout masks and augmentation. A tiny model records, in a mutable collection that
+  the step returns per device (unaveraged), the dropout mask and the augmented input of its
+  first row; every device gets the same rows."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from research import steps  # pylint: disable=g-import-not-at-top
+
+  class Recorder(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train=False):
+      mask = nn.Dropout(0.5, deterministic=not train)(jnp.ones_like(x))
+      self.variable('stats', 'mask', jnp.zeros, x.shape[1:]).value = mask[0]
+      self.variable('stats', 'input', jnp.zeros, x.shape[1:]).value = x[0]
+      return nn.Dense(3)(x * mask)
+
+  def augment(inputs, rng, train):  # noise as augmentation
+    return inputs + jax.random.normal(rng, inputs.shape) if train else inputs
+
+  n, width = 8, 32
+  model, tx = Recorder(), optax.sgd(0.1)
+  state = steps.init_state(model, tx, jax.random.key(0), jnp.zeros((1, width)))
+  rows = {'inputs': jnp.ones((2, width)), 'targets': jnp.array([0, 1])}
+  rng = jax.random.key(5)
+  step_fns = {axis: steps.make_steps(model, tx, loss='cross_entropy', preprocess=augment,
+                                     num_classes=3, axis_name=axis)[0]
+              for axis in (None, 'batch')}
+  devices = jax.devices()[:n]
+  pmapped = jax.pmap(step_fns['batch'], axis_name='batch', in_axes=(0, 0, None),
+                     devices=devices)
+  replicate = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), tree)
+  new, _ = pmapped(replicate(state), replicate(rows), rng)
+  stats = jax.device_get(new.model_state['stats'])
+  for what in ('mask', 'input'):
+    per_device = stats[what]
+    assert per_device.shape == (n, width)
+    distinct = {per_device[i].tobytes() for i in range(n)}
+    assert len(distinct) == n, f'{what}: {len(distinct)} distinct of {n} devices'
+  # The pmap step is deterministic: the same call gives the same draws.
+  again, _ = pmapped(replicate(state), replicate(rows), rng)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.model_state['stats']), stats)
+  # Without an axis (jit), the same step's draws differ from every device's.
+  single, _ = jax.jit(step_fns[None])(state, rows, rng)
+  for i in range(n):
+    assert not np.array_equal(single.model_state['stats']['mask'], stats['mask'][i])
+
+
+def test_batch_not_divisible_by_devices_x_accumulation_x_cpu_batch_parts_is_refused(tmp_path):
+  """Catches check_batch_size ignoring config.parallel.cpu_batch_parts: a batch that splits
+  over the devices and micro-batches but not into the CPU parts must be refused before any
+  compilation, naming the keys."""
+  mesh = parallel.make_mesh(cpu_config('mnist_cnn').parallel)  # 8 devices
+  parallel.check_batch_size(32, 2, mesh, parts=2)  # 32 = 8 x 2 x 2
+  parallel.check_batch_size(16, 2, mesh, parts=1)
+  with pytest.raises(ValueError, match=r'config\.batch_size=16 must be divisible by devices x '
+                                       r'config\.grad_accum_steps x config\.parallel\.'
+                                       r'cpu_batch_parts = 8 x 2 x 2'):
+    parallel.check_batch_size(16, 2, mesh, parts=2)
+  with pytest.raises(ValueError, match=r'config\.batch_size=8 must be divisible by devices x '
+                                       r'config\.grad_accum_steps x config\.parallel\.'
+                                       r'cpu_batch_parts = 8 x 1 x 2'):
+    parallel.check_batch_size(8, 1, mesh, parts=2)
+  # Through train.setup: mnist_cnn's cpu config computes each batch as 2 parts on CPUs.
+  config = cpu_config('mnist_cnn', batch_size=16, grad_accum_steps=2)
+  assert config.parallel.cpu_batch_parts == 2
+  with pytest.raises(ValueError, match=r'config\.batch_size=16 must be divisible by .*'
+                                       r'cpu_batch_parts = 8 x 2 x 2'):
+    train.setup(config, str(tmp_path))

@@ -14,7 +14,7 @@ from research.data import image
 
 def setup(model_name='mlp', loss='cross_entropy', num_classes=3, grad_accum_steps=1,
           input_shape=(5,), optimizer=None, concurrent_parts=1, label_smoothing=0.0,
-          **model_fields):
+          skip_nonfinite=False, **model_fields):
   if model_name == 'mlp':
     model_fields.setdefault('num_outputs', num_classes)
   model = models.build_model(config.model_config(model_name, **model_fields))
@@ -25,7 +25,8 @@ def setup(model_name='mlp', loss='cross_entropy', num_classes=3, grad_accum_step
   train_step, eval_step = steps.make_steps(
       model, tx, loss=loss, preprocess=image.make_preprocess(config.defaults().data),
       num_classes=num_classes, grad_accum_steps=grad_accum_steps,
-      concurrent_parts=concurrent_parts, label_smoothing=label_smoothing)
+      concurrent_parts=concurrent_parts, label_smoothing=label_smoothing,
+      skip_nonfinite=skip_nonfinite)
   state = steps.init_state(model, tx, jax.random.key(0), jnp.zeros((1, *input_shape)))
   return model, state, jax.jit(train_step), jax.jit(eval_step)
 
@@ -134,3 +135,68 @@ def test_unknown_loss_names_the_key():
   model = models.build_model(config.model_config('mlp'))
   with pytest.raises(ValueError, match=r"config\.loss='hinge'"):
     steps.make_steps(model, None, loss='hinge', preprocess=None)
+
+
+def test_dropout_randomness_is_folded_with_the_step():
+  """Catches train_step dropping `fold_in(rng, state.step)`: every step would then draw the
+  same dropout masks (and augmentation) from the same rng."""
+  _, state, train_step, _ = setup(hidden_sizes=(64,), dropout_rate=0.5)
+  batch, rng = classification_batch(), jax.random.key(1)
+  loss = lambda s: float(train_step(s, batch, rng)[1]['loss'])
+  step3, step4 = state.replace(step=jnp.int32(3)), state.replace(step=jnp.int32(4))
+  assert loss(step3) == loss(step3)  # the same step: the same masks
+  assert loss(step3) != loss(step4)  # same params, batch and rng, another step: other masks
+
+
+@pytest.mark.parametrize('accum', [1, 4])
+def test_training_accuracy_is_that_of_the_logits_before_the_update(accum):
+  """Catches an inverted accuracy (`!=`) and, with gradient accumulation, one divided by the
+  number of micro-batches twice (or not at all): the metric must be the whole batch's."""
+  model, state, train_step, _ = setup(hidden_sizes=(16,), grad_accum_steps=accum)
+  batch = classification_batch(16, seed=3)
+  logits = np.asarray(model.apply({'params': state.params}, batch['inputs']))
+  expected = np.mean(np.argmax(logits, -1) == np.asarray(batch['targets']))
+  assert 0.0 < expected < 1.0 and expected != 0.5  # else 1 - a or a / 4 could look right
+  _, metrics = train_step(state, batch, jax.random.key(1))
+  np.testing.assert_allclose(float(metrics['accuracy']), expected, rtol=1e-6)
+
+
+def nonfinite_batch(batch, row=0):
+  return dict(batch, inputs=batch['inputs'].at[row].set(jnp.inf))
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_skipped_step_keeps_batch_norm_statistics(accum):
+  """Catches nonfinite=skip restoring params and optimizer state but not model_state: the
+  BatchNorm statistics of a batch holding an inf would be kept (NaN from then on)."""
+  _, state, train_step, _ = setup('resnet', num_classes=10, input_shape=(6, 6, 3),
+                                  stage_sizes=(1,), width=4, skip_nonfinite=True,
+                                  grad_accum_steps=accum)
+  x = jax.random.normal(jax.random.key(2), (8, 6, 6, 3))
+  batch = {'inputs': x, 'targets': jnp.arange(8) % 10}
+  new, metrics = train_step(state, nonfinite_batch(batch), jax.random.key(1))
+  assert float(metrics['skipped']) == 1.0  # once per step, also with micro-batches
+  assert int(new.step) == 1
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  same(new.model_state, state.model_state)  # bitwise: the skipped batch left no trace
+  same(new.params, state.params)
+  same(new.opt_state, state.opt_state)
+  # The same batch without the inf is not skipped and does move the statistics.
+  good, metrics = train_step(state, batch, jax.random.key(1))
+  assert float(metrics['skipped']) == 0.0
+  before = state.model_state['batch_stats']['BatchNorm_0']['mean']
+  assert not np.allclose(good.model_state['batch_stats']['BatchNorm_0']['mean'], before)
+
+
+def test_skip_mode_reports_the_optimizer_update_count():
+  """Catches metrics['updates'] off by one: it is the optimizer's count after the step, i.e.
+  the number of updates made so far (a skipped step adds none); the loop logs the learning
+  rate of schedule(updates - 1), that of the last update made."""
+  _, state, train_step, _ = setup(hidden_sizes=(16,), skip_nonfinite=True)
+  batch = classification_batch()
+  reported = []
+  for b in (batch, nonfinite_batch(batch), batch, batch, nonfinite_batch(batch, 5)):
+    state, metrics = train_step(state, b, jax.random.key(1))
+    reported.append((int(metrics['updates']), float(metrics['skipped'])))
+  assert reported == [(1, 0.0), (1, 1.0), (2, 0.0), (3, 0.0), (3, 1.0)]
+  assert int(state.step) == 5

@@ -247,3 +247,26 @@ def test_matches_huggingface_gpt2():
   got = forward(GPT(**TINY), ours, x)
   assert got.shape == want.shape == (2, 16, 50)
   np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_scanned_layers_draw_their_own_dropout_masks(params):
+  """Catches nn.scan broadcasting the dropout rng (split_rngs={'dropout': False}): every layer
+  would then drop the same units. With one token, the gradient of a layer's mlp_proj bias is
+  (its dropout mask / keep) x the upstream gradient, so it is zero exactly where that layer's
+  last dropout dropped a unit: the zero patterns of the layers must differ."""
+  model = GPT(**TINY, dropout_rate=0.5, scan_layers=True)
+  stacked = stack_layers(params, TINY['n_layer'])
+  x = tokens(batch=1, time=1)
+  weights = jax.random.normal(jax.random.key(3), (1, 1, TINY['vocab_size']))
+
+  @jax.jit
+  def bias_grads(seed):
+    loss = lambda p: jnp.sum(weights * model.apply(
+        {'params': p}, x, train=True, rngs={'dropout': jax.random.key(seed)}))
+    return jax.grad(loss)(stacked)['h']['mlp_proj']['bias']  # [layer, n_embd]
+
+  for seed in range(3):
+    dropped = np.asarray(bias_grads(seed)) == 0
+    assert dropped.shape == (TINY['n_layer'], TINY['n_embd'])
+    assert all(0.2 < d.mean() < 0.8 for d in dropped)  # dropout at work in every layer
+    assert (dropped[0] != dropped[1]).any(), f'seed {seed}: layers dropped the same units'
