@@ -112,3 +112,16 @@ def test_text_evaluation_scores_every_validation_window_once(tmp_path):
   # The last 10% (900 characters) in windows of 128 + 1: 7 windows, in one batch of 16 (whole
   # batches only would have had none).
   assert result['num_examples'] == (900 - 1) // 128 == 7
+  # The loss is the mean cross-entropy per token over those windows (not a sum over a window's
+  # tokens, which the real-data test alone caught): recomputed here with numpy.
+  exp = train.setup(config, str(tmp_path / 'run'))
+  state, _ = train.restore_or_init(exp)
+  params = jax.device_get(exp.compiled.get_state(state).params)
+  nll = []
+  for batch in exp.data.eval_batches():
+    logits = np.asarray(exp.model.apply({'params': params}, batch['inputs']), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, batch['targets'][..., None], -1)[..., 0]
+    nll += list(-picked[batch['mask'] == 1].ravel())
+  assert len(nll) == 7 * 128
+  np.testing.assert_allclose(result['loss'], np.mean(nll), rtol=1e-5)
