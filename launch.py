@@ -143,8 +143,9 @@ def run(argv):
     else:
       sample(workdir)
   except KeyboardInterrupt:  # Ctrl-C; in training a first one saves and says so
-    print('Interrupted.', file=sys.stderr)
-    sys.exit(130)
+    print('Interrupted.', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)  # pylint: disable=protected-access  (XLA's teardown can crash mid-compile)
   except DataError as e:  # the message says what to do; a traceback would only hide it
     sys.exit(f'DataError: {e}')
   except (ValueError, FileNotFoundError, FloatingPointError) as e:

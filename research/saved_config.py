@@ -9,6 +9,7 @@ settings rather than an experiment file's.
 """
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -16,21 +17,39 @@ import ml_collections
 def get_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # JSON has no tuples; the experiments' sequences are tuples, which overrides can replace.
+  tuples = lambda x: ({k: tuples(v) for k, v in x.items()} if isinstance(x, dict) else
+                      tuple(tuples(v) for v in x) if isinstance(x, list) else x)
+  return ml_collections.ConfigDict(tuples(saved))
 
 
 def with_saved_config(argv: list[str]) -> list[str]:
   """`argv` with `--config=research/saved_config.py:WORKDIR` added where a launch names no
-  --config, a --workdir with a config.json and a mode that reads a config (train, eval)."""
-  def value(name):
+  --config, a --workdir with a config.json and a mode that reads a config (train, eval).
+  --config.KEY overrides that have no config to change exit with a line saying why."""
+  def value(name):  # as absl reads flags: -name or --name, =VALUE or the next item; the last
+    found = None
     for i, arg in enumerate(argv[1:], 1):
-      if arg.startswith(f'--{name}='):
-        return arg.split('=', 1)[1]
-      if arg == f'--{name}' and i + 1 < len(argv):
-        return argv[i + 1]
-    return None
-  workdir = value('workdir')
-  if (value('config') is not None or not workdir or value('mode') == 'sample'
-      or not os.path.isfile(os.path.join(workdir, 'config.json'))):
+      for dashes in ('--', '-'):
+        if arg.startswith(f'{dashes}{name}='):
+          found = arg.split('=', 1)[1]
+        elif arg == f'{dashes}{name}' and i + 1 < len(argv):
+          found = argv[i + 1]
+    return found
+  if value('config') is not None:
     return argv
-  return [argv[0], f'--config={os.path.abspath(__file__)}:{workdir}', *argv[1:]]
+  workdir, mode = value('workdir'), value('mode')
+  overrides = any(arg.lstrip('-').startswith('config.') for arg in argv[1:])
+  saved = bool(workdir) and os.path.isfile(os.path.join(workdir, 'config.json'))
+  if overrides and mode == 'sample':
+    sys.exit('FATAL Flags parsing error: --mode=sample takes --prompt, --max_new_tokens, '
+             '--temperature, --top_k, --top_p and --seed, not --config.KEY overrides.')
+  if overrides and not saved:
+    sys.exit('FATAL Flags parsing error: --config.KEY overrides need --config=experiments/X.py'
+             + (f' or a --workdir holding a run\'s config.json ({workdir}/config.json is '
+                'missing).' if workdir else '.'))
+  if not saved or mode == 'sample':
+    return argv
+  here = os.path.relpath(__file__)  # the config flag splits its value at the first ':'
+  return [argv[0], f'--config={here if ":" not in here else __file__}:{workdir}', *argv[1:]]

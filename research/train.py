@@ -134,7 +134,7 @@ def evaluate_state(exp: Experiment, state) -> tuple[dict, np.ndarray | None]:
 
 
 def _write_eval(exp, writer, workdir, step, result, confusion):
-  split = exp.config.data.eval_split
+  split = exp.data.eval_split
   writer.write(step, 'eval', result, tags={'eval_split': split})
   writer.log(f'eval at step {step} ({split}): ' + ', '.join(
       f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in result.items()))
@@ -303,7 +303,7 @@ def _eval_record(workdir: str, step: int, split: str) -> dict | None:
         continue
       if (record.get('split') == 'eval' and record.get('step') == step
           and record.get('eval_split', split) == split):  # records before 2026-11-27 lack it
-        found = {k: v for k, v in record.items()
+        found = {k: int(v) if k == 'num_examples' else v for k, v in record.items()
                  if k not in ('step', 'split', 'time', 'eval_split')}
   return found
 
@@ -381,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {}
   if start >= config.total_steps:
     # Process 0's answer for all: the evaluation spans every process.
-    record = _eval_record(workdir, start, config.data.eval_split)
+    record = _eval_record(workdir, start, exp.data.eval_split)
     written = record is not None
     if jax.process_count() > 1:
       written = bool(multihost_utils.broadcast_one_to_all(np.int32(written)))
@@ -437,6 +437,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if is_eval:
         result = _evaluate_and_write(exp, writer, workdir, done, state)
         clock.mark(done)  # the evaluation's time is not the steps'
+    if preemption.signal == 'SIGINT':  # pressed during the last evaluation
+      writer.log(f'Ctrl-C: the run had finished its {config.total_steps} steps (saved); '
+                 'stopped after its evaluation.')
+      raise KeyboardInterrupt
     _report_tiny_model(writer, exp.compiled.get_state(state).params, num_params)
   finally:
     preemption.close()

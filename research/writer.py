@@ -15,8 +15,12 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    self._tb_dir = os.path.join(workdir, 'tensorboard')
+    self._tb = self._summary_writer()
+
+  def _summary_writer(self, purge_step=None):
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+    return SummaryWriter(self._tb_dir, flush_secs=30, purge_step=purge_step)
 
   def write(self, step: int, split: str, metrics: dict, tags: dict | None = None):
     """`tags`: strings that go into the metrics.jsonl record only (e.g. the eval split)."""
@@ -43,12 +47,15 @@ class MetricWriter:
         return json.loads(line)['step'] <= step
       except (ValueError, KeyError, TypeError):  # a line cut short by a kill
         return False
-    keep = [line for line in lines if kept(line)]
-    if len(keep) < len(lines):
+    keep = [line if line.endswith('\n') else line + '\n' for line in lines if kept(line)]
+    if keep != lines:  # also a whole last line without its newline, which the next would join
       with open(path + '.tmp', 'w', encoding='utf-8') as f:
         f.writelines(keep)
       os.replace(path + '.tmp', path)
     self._jsonl = open(path, 'a', encoding='utf-8')
+    if lines:  # TensorBoard: the earlier launch's events after `step` are hidden (purge_step)
+      self._tb.close()
+      self._tb = self._summary_writer(purge_step=step + 1)
     return len(lines) - len(keep)
 
   def log(self, message: str):

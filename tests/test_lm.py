@@ -52,6 +52,7 @@ def test_launch_gpt_small_cpu_trains_resumes_evaluates_and_samples(tmp_path):
   assert all(r['tokens_per_sec'] > 0 and 0 < r['mfu'] < 1 for r in train_lines)
   evals = [r for r in records if r['split'] == 'eval']
   assert [r['step'] for r in evals] == [10, 20, 30]
+  assert {r['eval_split'] for r in evals} == {'validation'}  # what text evaluates
   assert evals[-1]['loss'] < evals[0]['loss'] < np.log(257)  # learning, below uniform bytes
   assert os.path.exists(os.path.join(workdir, 'tokenizer', 'tokenizer.json'))
   assert open(os.path.join(workdir, 'samples.txt')).read().count('=== step') == 3

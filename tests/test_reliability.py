@@ -577,3 +577,26 @@ def test_skipped_steps_are_summed_per_window_and_the_rate_follows_the_updates_ma
   assert len({float(schedule(c)) for c in range(8)}) == 8  # each count its own rate
   step, params = final_params(config, str(tmp_path))
   assert step == 8 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_ctrl_c_during_the_last_evaluation_stops_as_interrupted(tmp_path, monkeypatch, capsys):
+  """Ctrl-C while the final evaluation ran said it would stop, then the run went on (samples
+  too) and exited 0. A real SIGINT to this process, from inside the evaluation."""
+  evaluate = train._evaluate_and_write  # pylint: disable=protected-access
+  def interrupted(*args):
+    os.kill(os.getpid(), signal.SIGINT)  # handled by the training loop: a flag, no exception
+    return evaluate(*args)
+  monkeypatch.setattr(train, '_evaluate_and_write', interrupted)
+  config = cpu_config('linear_regression', total_steps=4, checkpoint_every_steps=4,
+                      eval_every_steps=4)
+  # Python's own handler, as in a terminal (a background job, as CI may be, ignores SIGINT).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(tmp_path))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  out = capsys.readouterr().out
+  assert 'eval at step 4' in out and 'stopped after its evaluation' in out
+  assert checkpoint.manager(str(tmp_path), 3, 4).latest_step() == 4

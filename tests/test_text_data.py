@@ -286,3 +286,17 @@ def test_bpe_is_learnt_from_the_train_split_only(tmp_path):
   # Each byte of the unseen word is its own byte-fallback token.
   assert len(data.tokenizer.encode('zyzzyva')) == 7
   assert len(data.tokenizer.encode('Ж')) == len('Ж'.encode('utf-8'))
+
+
+def test_text_data_refuses_split_settings_it_does_not_use(tmp_path):
+  """Text holds out its own validation text: an eval_split override was accepted and ignored
+  (and --mode=eval recorded its name against the validation text's figures)."""
+  from experiments import gpt_small  # pylint: disable=g-import-not-at-top
+  source = tmp_path / 'text.txt'
+  source.write_text('hello world. ' * 200)
+  config = gpt_small.get_config('cpu')
+  config.data.source, config.data.seq_len = str(source), 16
+  assert data_lib.build(config).eval_split == 'validation'
+  config.data.eval_split = 'train[:1000]'
+  with pytest.raises(ValueError, match='not used by text data'):
+    data_lib.build(config)

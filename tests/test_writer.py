@@ -30,3 +30,16 @@ def test_drop_after_keeps_everything_up_to_the_step(tmp_path):
   assert writer_lib.MetricWriter(str(tmp_path), enabled=False).drop_after(0) == 0
   writer.close()
   assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 1
+
+
+def test_drop_after_ends_a_kept_last_line(tmp_path):
+  """A whole last record without its newline (cut just before it): the next record was
+  appended onto it, and a later resume dropped both."""
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 10, "split": "train", "loss": 1.0}\n'
+                  '{"step": 20, "split": "eval", "loss": 0.5}')
+  writer = writer_lib.MetricWriter(str(tmp_path))
+  assert writer.drop_after(20) == 0
+  writer.write(30, 'train', {'loss': 2.0})
+  writer.close()
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [10, 20, 30]

@@ -22,6 +22,7 @@ class Data:
   input_dtype: Any
   num_classes: int = 0                            # 0: regression or language modelling
   tokenizer: Any = None                           # text only
+  eval_split: str = ''                            # what eval_batches evaluates, by name
 
 
 def build(config) -> Data:
@@ -29,6 +30,10 @@ def build(config) -> Data:
   index, count = jax.process_index(), jax.process_count()
   eval_batch_size = config.eval_batch_size or config.batch_size
   if config.data.name == 'text':
+    if (config.data.train_split, config.data.eval_split) != ('train', 'test'):
+      raise ValueError('config.data.train_split and eval_split are not used by text data, which '
+                       'holds out its own validation text (research/data/text.py): leave them '
+                       "at 'train' and 'test'.")
     lm = text.build_lm_data(
         config.data.source, config.data.tokenizer, config.data.seq_len, config.batch_size,
         config.seed, eval_batch_size=eval_batch_size, vocab_size=config.data.vocab_size or None,
@@ -38,10 +43,10 @@ def build(config) -> Data:
         download=config.data.download)
     return Data(train_batches=lm.train.iterate, eval_batches=lambda: lm.eval_batches,
                 input_shape=(config.data.seq_len,), input_dtype=np.int32,
-                tokenizer=lm.tokenizer)
+                tokenizer=lm.tokenizer, eval_split='validation')
   images = image.build(config.data, config.batch_size, config.seed, index, count,
                        eval_batch_size=eval_batch_size)
   return Data(train_batches=lambda start: image.prefetch(images.train, start),
               eval_batches=lambda: image.prefetch(images.eval_batches),
               input_shape=images.input_shape, input_dtype=np.float32,
-              num_classes=images.num_classes)
+              num_classes=images.num_classes, eval_split=config.data.eval_split)
