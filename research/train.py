@@ -275,8 +275,9 @@ def _log_config_changes(writer, workdir, config, step):
   if not np.isclose(before, after, rtol=1e-6, atol=0):
     writer.log(f'WARNING: the learning rate at step {step} is now {after:.3g}, not {before:.3g}: '
                'the schedule is laid out over total_steps (a finished cosine run relaunched with '
-               'more steps goes back up). To extend a run at its last rate, use '
-               'optimizer.schedule=constant with that learning_rate.')
+               'more steps goes back up). To go on at the old rate instead: '
+               f'--config.optimizer.schedule=constant --config.optimizer.learning_rate={before:.3g}'
+               '.')
 
 
 def _evaluate_and_write(exp, writer, workdir: str, step: int, state) -> dict:
