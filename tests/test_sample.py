@@ -165,24 +165,19 @@ def test_sample_logits_frequencies_follow_temperature(temperature):
   np.testing.assert_allclose(frequencies(temperature), want, atol=0.012)
 
 
-def test_sample_logits_frequencies_with_top_p():
-  """Catches top_p ignored: 0.7 keeps {0.5, 0.3}, renormalised to 0.625 / 0.375."""
-  freq = frequencies(1.0, top_p=0.7)
-  np.testing.assert_allclose(freq, softmax_kept(1.0, [1, 1, 0, 0, 0]), atol=0.012)
-  assert freq[2:].sum() == 0
-  # With temperature too: the nucleus of softmax(logits / 0.5) = [0.69, 0.25, ...] at p=0.9
-  # is {0.69, 0.25}, renormalised.
-  np.testing.assert_allclose(frequencies(0.5, top_p=0.9, seed=1),
-                             softmax_kept(0.5, [1, 1, 0, 0, 0]), atol=0.012)
-
-
-def test_sample_logits_frequencies_with_top_k():
-  """Catches top_k ignored: 2 keeps the two most likely tokens, renormalised."""
-  freq = frequencies(1.0, top_k=2)
-  np.testing.assert_allclose(freq, softmax_kept(1.0, [1, 1, 0, 0, 0]), atol=0.012)
-  assert freq[2:].sum() == 0
-  np.testing.assert_allclose(frequencies(0.5, top_k=3, seed=2),
-                             softmax_kept(0.5, [1, 1, 1, 0, 0]), atol=0.012)
+@pytest.mark.parametrize('cut, kept, cut_at_half_temperature, kept_at_half_temperature', [
+    # 0.7 keeps {0.5, 0.3}; at T=0.5 the probabilities are [0.69, 0.25, ...], and 0.9 keeps two.
+    (dict(top_p=0.7), [1, 1, 0, 0, 0], dict(top_p=0.9), [1, 1, 0, 0, 0]),
+    (dict(top_k=2), [1, 1, 0, 0, 0], dict(top_k=3), [1, 1, 1, 0, 0]),
+])
+def test_sample_logits_frequencies_with_top_p_and_top_k(cut, kept, cut_at_half_temperature,
+                                                        kept_at_half_temperature):
+  """Catches top_p or top_k ignored: the tokens kept, renormalised, and no others."""
+  freq = frequencies(1.0, **cut)
+  np.testing.assert_allclose(freq, softmax_kept(1.0, kept), atol=0.012)
+  assert freq[np.array(kept) == 0].sum() == 0
+  np.testing.assert_allclose(frequencies(0.5, seed=1, **cut_at_half_temperature),
+                             softmax_kept(0.5, kept_at_half_temperature), atol=0.012)
 
 
 def test_each_generated_token_gets_its_own_randomness(params):
