@@ -322,7 +322,7 @@ def _write_run_files(exp, workdir: str):
 
 
 def _check_tokenizer(tokenizer, directory: str, latest_step):
-  """A resumed language model must see the same token ids it was trained on."""
+  """A resumed language model must see the same token ids its checkpoint was trained on."""
   if latest_step is None or not os.path.exists(os.path.join(directory, 'tokenizer.json')):
     return
   saved = tokenizers.load(directory)
@@ -339,11 +339,16 @@ def _start(exp, writer):
   """Restores the newest checkpoint, or initialises (from config.init_from if set)."""
   state, start = restore_or_init(exp)
   if start == 0 and exp.config.init_from:
-    params = checkpoint.load_params(exp.config.init_from)
+    source = exp.config.init_from
+    params = checkpoint.load_params(source)
     fresh = exp.compiled.get_state(state)
-    if checkpoint.shapes(params) != checkpoint.shapes(fresh.params):
-      raise ValueError(f'config.init_from={exp.config.init_from!r}: its parameters do not have '
-                       "this model's shapes.")
+    theirs, ours = checkpoint.shapes(params), checkpoint.shapes(fresh.params)
+    for path in sorted(set(theirs) | set(ours)):
+      if theirs.get(path) != ours.get(path):
+        raise ValueError(
+            f'config.init_from={source!r}: its params/{path} is {theirs.get(path, "absent")} '
+            f'but this model\'s is {ours.get(path, "absent")}: the model settings must be the '
+            f'same (see {os.path.join(source, "config.json")}), e.g. config.model.scan_layers.')
     params = jax.device_put(params, exp.compiled.state_sharding.params)
     state = exp.compiled.put_state(fresh.replace(params=params))
     writer.log(f'parameters initialised from {exp.config.init_from}; optimizer and step new')

@@ -600,3 +600,29 @@ def test_ctrl_c_during_the_last_evaluation_stops_as_interrupted(tmp_path, monkey
   out = capsys.readouterr().out
   assert 'eval at step 4' in out and 'stopped after its evaluation' in out
   assert checkpoint.manager(str(tmp_path), 3, 4).latest_step() == 4
+
+
+def test_init_from_a_language_model_keeps_its_tokenizer(tmp_path):
+  """Fine-tuning on other text: a 'char' (or 'bpe') tokenizer learnt anew from that text gave
+  the old embeddings other characters (the padded vocabulary hid the change in size); the run
+  named by init_from lends its own. Another kind, or another model shape, is named."""
+  def lm_config(source, **overrides):
+    (tmp_path / f'{source}.txt').write_text({'a': 'abcdefgh ' * 300, 'b': 'hgf ed ' * 300}[source])
+    config = cpu_config('gpt_small', total_steps=1, **{
+        'data.source': str(tmp_path / f'{source}.txt'), 'data.tokenizer': 'char',
+        'data.seq_len': 16, 'model.block_size': 16, 'model.n_layer': 1, 'model.n_embd': 32,
+        'model.n_head': 2, 'sample.max_new_tokens': 0, **overrides})
+    return config
+  train.train_and_evaluate(lm_config('a'), str(tmp_path / 'a'))
+  source = str(tmp_path / 'a')
+  train.train_and_evaluate(lm_config('b', init_from=source), str(tmp_path / 'b'))
+  read = lambda run: (tmp_path / run / 'tokenizer' / 'tokenizer.json').read_text()
+  assert read('b') == read('a')  # 9 characters, not the 6 of text b
+  with pytest.raises(ValueError, match=r"trained with tokenizer 'char'; set "
+                                       r"config.data.tokenizer='char'"):
+    train.train_and_evaluate(lm_config('b', init_from=source, **{'data.tokenizer': 'byte'}),
+                             str(tmp_path / 'c'))
+  with pytest.raises(ValueError, match=r"its params/h_1/attn_proj/bias is absent but this "
+                                       r"model's is \(32,\)"):
+    train.train_and_evaluate(lm_config('b', init_from=source, **{'model.n_layer': 2}),
+                             str(tmp_path / 'd'))

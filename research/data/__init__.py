@@ -25,6 +25,21 @@ class Data:
   eval_split: str = ''                            # what eval_batches evaluates, by name
 
 
+def _init_from_tokenizer(config):
+  """The tokenizer of the run `config.init_from` names (its embeddings are of its token ids,
+  so fine-tuning on other text keeps it, where a 'char' or 'bpe' one would be learnt anew from
+  that text), or None."""
+  path = os.path.join(config.init_from, 'tokenizer') if config.init_from else ''
+  if not path or not os.path.exists(os.path.join(path, 'tokenizer.json')):
+    return None
+  tokenizer = text.tokenizers.load(path)
+  if tokenizer.kind != config.data.tokenizer:
+    raise ValueError(f'config.init_from={config.init_from!r} was trained with tokenizer '
+                     f'{tokenizer.kind!r}; set config.data.tokenizer={tokenizer.kind!r} (its '
+                     'own, from that run, is used).')
+  return tokenizer
+
+
 def build(config) -> Data:
   """Builds `config.data` for this process (each process reads only its share)."""
   index, count = jax.process_index(), jax.process_count()
@@ -36,7 +51,8 @@ def build(config) -> Data:
                        "at 'train' and 'test'.")
     lm = text.build_lm_data(
         config.data.source, config.data.tokenizer, config.data.seq_len, config.batch_size,
-        config.seed, eval_batch_size=eval_batch_size, vocab_size=config.data.vocab_size or None,
+        config.seed, tokenizer=_init_from_tokenizer(config), eval_batch_size=eval_batch_size,
+        vocab_size=config.data.vocab_size or None,
         cache_dir=config.data.cache_dir or os.path.expanduser('~/.cache/research/tokenizers'),
         process_index=index, process_count=count, max_bytes=config.data.max_bytes or None,
         max_eval_batches=config.max_eval_batches or None, data_dir=config.data.data_dir or None,

@@ -177,6 +177,7 @@ def load_text(source: str, max_bytes: int | None = None, data_dir: str | None = 
       stdlib sources (documents in sorted order, the last one cut), on each split for TFDS.
     data_dir: the TFDS data directory.
     download: TFDS: download and prepare the dataset if it is not prepared.
+    tokenizer: one to use instead of building `tokenizer_kind` (another run's, to fine-tune it).
 
   Returns:
     The documents of each split.
@@ -285,7 +286,8 @@ def build_lm_data(source: str, tokenizer_kind: str, seq_len: int, batch_size: in
                   eval_batch_size: int | None = None, vocab_size: int | None = None, cache_dir: str | None = None,
                   process_index: int = 0, process_count: int = 1,
                   max_bytes: int | None = None, max_eval_batches: int | None = None,
-                  data_dir: str | None = None, download: bool = False) -> LMData:
+                  data_dir: str | None = None, download: bool = False,
+                  tokenizer: tokenizers.Tokenizer | None = None) -> LMData:
   """Everything the trainer needs for language modelling, from config values.
 
   Args:
@@ -305,15 +307,17 @@ def build_lm_data(source: str, tokenizer_kind: str, seq_len: int, batch_size: in
     max_eval_batches: a cap on the validation batches.
     data_dir: the TFDS data directory.
     download: TFDS: download and prepare the dataset if it is not prepared.
+    tokenizer: one to use instead of building `tokenizer_kind` (another run's, to fine-tune it).
 
   Returns:
     LMData(tokenizer, train LMDataset, list of validation batches).
   """
   splits = load_text(source, max_bytes=max_bytes, data_dir=data_dir, download=download)
   learn_from = {'char': splits['train'] + splits['validation'], 'bpe': splits['train']}
-  tokenizer = tokenizers.build_tokenizer(
-      tokenizer_kind, train_text='\n'.join(learn_from.get(tokenizer_kind, [])) or None,
-      vocab_size=vocab_size, cache_dir=cache_dir)
+  if tokenizer is None:
+    tokenizer = tokenizers.build_tokenizer(
+        tokenizer_kind, train_text='\n'.join(learn_from.get(tokenizer_kind, [])) or None,
+        vocab_size=vocab_size, cache_dir=cache_dir)
   train_tokens = tokenize(splits['train'], tokenizer)
   val_tokens = tokenize(splits['validation'], tokenizer)
   logging.info('%s: %d train and %d validation documents -> %d / %d tokens (%s, vocab %d).',
