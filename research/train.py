@@ -359,6 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last eval."""
   exp = setup(config, workdir)
   config = exp.config
+  if exp.data.tokenizer is not None and config.sample.max_new_tokens:
+    try:  # sampled at every evaluation: a prompt the tokenizer cannot encode failed the first
+      exp.data.tokenizer.encode(config.sample.prompt)
+    except ValueError as e:
+      raise ValueError(f'config.sample.prompt={config.sample.prompt!r}, sampled at each '
+                       f'evaluation: {e} Change it, or set config.sample.max_new_tokens=0.') from e
   is_main = jax.process_index() == 0
   writer = writer_lib.MetricWriter(workdir, enabled=is_main)
   _log_config_changes(writer, workdir, config, exp.ckpt.latest_step())

@@ -626,3 +626,20 @@ def test_init_from_a_language_model_keeps_its_tokenizer(tmp_path):
                                        r"model's is \(32,\)"):
     train.train_and_evaluate(lm_config('b', init_from=source, **{'model.n_layer': 2}),
                              str(tmp_path / 'd'))
+
+
+def test_a_sample_prompt_the_tokenizer_cannot_encode_fails_before_training(tmp_path):
+  """A char vocabulary without the experiment's prompt's characters ('ROMEO:' on lowercase
+  text) stopped the run at its first evaluation, naming neither config.sample.prompt nor the
+  way out."""
+  (tmp_path / 'lower.txt').write_text('to be or not to be: that is the question. ' * 100)
+  config = cpu_config('shakespeare_char', total_steps=1, **{
+      'data.source': str(tmp_path / 'lower.txt'), 'data.seq_len': 16, 'model.block_size': 16,
+      'model.n_layer': 1, 'model.n_embd': 32, 'model.n_head': 2})
+  assert config.sample.prompt.startswith('ROMEO')
+  with pytest.raises(ValueError, match=r"config.sample.prompt='ROMEO.*character 'R'.*"
+                                       r'config.sample.max_new_tokens=0'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'metrics.jsonl')  # before any training
+  config.sample.max_new_tokens = 0
+  assert train.train_and_evaluate(config, str(tmp_path / 'run'))['loss'] > 0
