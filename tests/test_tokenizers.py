@@ -131,3 +131,15 @@ def test_build_errors_name_the_fix(tmp_path):
     tokenizers.build_tokenizer('char')
   with pytest.raises(FileNotFoundError, match='tokenizer.json'):
     tokenizers.load(str(tmp_path))
+
+
+@pytest.mark.parametrize('vocab_size, advice', [
+    (10, r'10 vs \d+\. \(with byte fallback .* raise config\.data\.vocab_size\)'),
+    (100000, r'too high \(100000\)\. \(lower config\.data\.vocab_size to at most \d+: ')])
+def test_bpe_vocabulary_size_errors_say_which_way_to_change_it(vocab_size, advice):
+  """Too large a vocabulary for the text was told to raise vocab_size, after SentencePiece's
+  own '<= N' and its internal source location."""
+  text = 'the quick brown fox jumps over the lazy dog\n' * 50
+  with pytest.raises(ValueError, match=advice) as error:
+    tokenizers.train_bpe(text, vocab_size)
+  assert 'trainer_interface' not in str(error.value) and '--character' not in str(error.value)

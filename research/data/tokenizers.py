@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 
@@ -193,9 +194,14 @@ def train_bpe(text: str, vocab_size: int) -> bytes:
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
         num_threads=os.cpu_count() or 1, **_BPE_OPTIONS)
   except RuntimeError as e:
-    raise ValueError(f"tokenizer 'bpe' with vocab_size={vocab_size}: {e} (with byte fallback "
-                     'the vocabulary needs 256 byte pieces + 3 more + the distinct characters '
-                     'of the text; raise config.data.vocab_size).') from e
+    # SentencePiece's own advice names its flags ('--character_coverage'): left out.
+    reason = re.split(r'\s(?:Please|Increase)\b', str(e).split('] ', 1)[-1])[0].strip()
+    most = re.search(r'<= (\d+)', str(e))
+    hint = (f'lower config.data.vocab_size{f" to at most {most[1]}" if most else ""}: the text '
+            'has no more pieces to merge' if 'too high' in reason else 'with byte fallback the '
+            'vocabulary needs 256 byte pieces + 3 more + the distinct characters of the text; '
+            'raise config.data.vocab_size')
+    raise ValueError(f"tokenizer 'bpe' with vocab_size={vocab_size}: {reason} ({hint}).") from e
   return model.getvalue()
 
 
