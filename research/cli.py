@@ -20,17 +20,28 @@ def _overrides(argv, flag: str) -> list[list[str]]:
           for arg in argv[1:] if arg.startswith(prefix)]
 
 
+def _flag_values(argv, flag: str) -> list[str]:
+  """The values of --FLAG=VALUE and --FLAG VALUE in argv."""
+  return [arg.split('=', 1)[1] if arg.startswith(f'--{flag}=') else argv[i + 1]
+          for i, arg in enumerate(argv[1:], 1)
+          if arg.startswith(f'--{flag}=') or (arg == f'--{flag}' and i + 1 < len(argv))]
+
+
+def _load_experiment(value: str):
+  """get_config(ARG) of the experiment file `value` ('PATH[:ARG]')."""
+  path, _, arg = value.partition(':')
+  spec = importlib.util.spec_from_file_location('experiment', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def _unknown_override(argv, flag: str, key: str) -> tuple[str, str | None] | None:
   """The first --FLAG.KEY override (FLAG: config or config_b) with `key` in its path that the
   experiment lacks, cut where it stops resolving ('config.modle' of 'config.modle.dropout'),
   with the closest key there; None if there is none or the experiment cannot be loaded."""
   try:
-    path = next(arg.split('=', 1)[1] for arg in argv[1:] if arg.startswith(f'--{flag}='))
-    path, _, arg = path.partition(':')
-    spec = importlib.util.spec_from_file_location('experiment', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    config = _load_experiment(_flag_values(argv, flag)[0])
   except Exception:  # pylint: disable=broad-except  (only for the message)
     return None
   for parts in _overrides(argv, flag):
@@ -48,35 +59,35 @@ def _unknown_override(argv, flag: str, key: str) -> tuple[str, str | None] | Non
   return None
 
 
-def _missing_experiment(argv) -> str | None:
+def _bad_experiment(argv) -> str | None:
   """A line naming a --config (or --config_b) file that does not exist, with the closest
-  experiment file; None when they all exist."""
+  experiment file, or an ARG its get_config refuses (a ValueError); None when all load."""
   for flag in ('config', 'config_b'):
-    for i, arg in enumerate(argv[1:], 1):
-      if arg.startswith(f'--{flag}='):
-        value = arg.split('=', 1)[1]
-      elif arg == f'--{flag}' and i + 1 < len(argv):
-        value = argv[i + 1]
-      else:
-        continue
+    for value in _flag_values(argv, flag):
       path = value.partition(':')[0]
-      if os.path.isfile(path):
-        continue
-      here = os.path.dirname(path) or '.'
-      found = sorted(glob.glob(os.path.join(here, '*.py')) + glob.glob('experiments/*.py'))
-      match = difflib.get_close_matches(path, found, n=1, cutoff=0.5)
-      return (f'--{flag}={value}: no such file {path!r}'
-              + (f' (did you mean {match[0]}?)' if match else '') + '.')
+      if not os.path.isfile(path):
+        here = os.path.dirname(path) or '.'
+        found = sorted(glob.glob(os.path.join(here, '*.py')) + glob.glob('experiments/*.py'))
+        match = difflib.get_close_matches(path, found, n=1, cutoff=0.5)
+        return (f'--{flag}={value}: no such file {path!r}'
+                + (f' (did you mean {match[0]}?)' if match else '') + '.')
+      if ':' in value:  # e.g. ':gpu' where the experiment takes ':cpu'
+        try:
+          _load_experiment(value)
+        except ValueError as e:
+          return f'--{flag}={value}: {e}'
+        except Exception:  # pylint: disable=broad-except  (absl reports it with its traceback)
+          pass
   return None
 
 
 def parse_flags(argv):
   """absl's parsing, with a --config.KEY (or --config_b.KEY) override of a key the experiment
   lacks explained (ml_collections raises a bare AttributeError or KeyError for it, deep in a
-  traceback), and a missing experiment file named (a 40-line chained traceback)."""
-  missing = _missing_experiment(argv)
-  if missing:
-    sys.exit(f'FATAL Flags parsing error: {missing}')
+  traceback), and a missing experiment file or an ARG it refuses named (a chained traceback)."""
+  bad = _bad_experiment(argv)
+  if bad:
+    sys.exit(f'FATAL Flags parsing error: {bad}')
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as error:

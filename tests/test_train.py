@@ -257,6 +257,8 @@ def test_launch_usage_mistakes_are_one_line(tmp_path):
            (['--config', 'gpt_small.py'],
             "no such file 'gpt_small.py' (did you mean experiments/gpt_small.py?)"),
            ([f'--workdir={tmp_path}', '--mode=eval'], 'config.json'),
+           (['--config=experiments/shakespeare_char.py:gpu'],  # was within a traceback
+            "shakespeare_char.py:gpu: Unknown experiment argument(s) ['gpu']"),
            ([], 'Pass --config=experiments/X.py')]
   for args, message in cases:
     result = run_launch(*args)
