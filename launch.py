@@ -148,7 +148,7 @@ def run(argv):
     os._exit(130)  # pylint: disable=protected-access  (XLA's teardown can crash mid-compile)
   except DataError as e:  # the message says what to do; a traceback would only hide it
     sys.exit(f'DataError: {e}')
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
     if not raised_here(e):  # from a library: its traceback is the way to the cause
       raise
     sys.exit(f'{type(e).__name__}: {e}')  # our checks name what to change

@@ -191,8 +191,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       continue
     value = get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-      allowed = f'>= {low}' if high == math.inf else f'in [{low}, {high})'
+      allowed = (f'>= {low}' if high == math.inf else f'in [{low}, 1]' if high > 1 > low
+                 else f'in [{low}, {high})')
       raise ValueError(f'config.{key} must be a number {allowed}, got {value!r}.')
+  if resolved.data.vocab_size and resolved.data.tokenizer != 'bpe':
+    raise ValueError(f'config.data.vocab_size={resolved.data.vocab_size} is the size of a bpe '
+                     f'vocabulary to learn; tokenizer {resolved.data.tokenizer!r} has its own: '
+                     'leave it at 0.')
   return resolved
 
 
@@ -202,7 +207,9 @@ RANGES = (('label_smoothing', 0, 1), ('model.dropout_rate', 0, 1),
           ('optimizer.learning_rate', 0, math.inf), ('optimizer.min_learning_rate', 0, math.inf),
           ('optimizer.warmup_steps', 0, math.inf), ('optimizer.momentum', 0, 1),
           ('optimizer.b1', 0, 1), ('optimizer.b2', 0, 1), ('optimizer.eps', 0, math.inf),
-          ('optimizer.weight_decay', 0, math.inf), ('optimizer.grad_clip_norm', 0, math.inf))
+          ('optimizer.weight_decay', 0, math.inf), ('optimizer.grad_clip_norm', 0, math.inf),
+          ('sample.temperature', 0, math.inf), ('sample.top_k', 0, math.inf),
+          ('sample.top_p', 0, math.nextafter(1, 2)))  # top_p: up to 1 included
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:

@@ -88,6 +88,10 @@ def generate(model, params, prompt_tokens, *, max_new_tokens: int, rng=None,
                      f'config.model.block_size={model.block_size} + 1.')
   if not temperature >= 0:  # also NaN
     raise ValueError(f'temperature={temperature}: use 0 (greedy) or a positive number.')
+  if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+    raise ValueError(f'top_k={top_k}: use a number of tokens >= 1 (or 0/None: all of them).')
+  if top_p is not None and not 0 < top_p <= 1:  # also NaN
+    raise ValueError(f'top_p={top_p}: use a probability in (0, 1] (or 0/None: off).')
   if rng is None and temperature != 0:
     raise ValueError('generate needs an rng to sample with temperature > 0.')
   rng = jax.random.key(0) if rng is None else rng

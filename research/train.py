@@ -399,7 +399,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       written = bool(multihost_utils.broadcast_one_to_all(np.int32(written)))
     if written:
       writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} '
-                 'steps).')
+                 'steps).' if start == config.total_steps else
+                 f'The run in {workdir} has trained {start} steps, more than '
+                 f'config.total_steps={config.total_steps}: nothing to do.')
       # Its final evaluation, as the run returned it (on processes that see metrics.jsonl,
       # which process 0 writes; {} on others).
       result = record or {}

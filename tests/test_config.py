@@ -123,7 +123,8 @@ def test_non_positive_counts_rejected(key):
 @pytest.mark.parametrize('key, bad, good', [
     ('model.dropout_rate', 1.5, 0.5), ('optimizer.learning_rate', -1.0, 0.0),
     ('label_smoothing', 1.0, 0.1), ('optimizer.b2', 1.0, 0.95),
-    ('optimizer.weight_decay', float('nan'), 0.1), ('optimizer.warmup_steps', -5, 5)])
+    ('optimizer.weight_decay', float('nan'), 0.1), ('optimizer.warmup_steps', -5, 5),
+    ('sample.top_p', 1.5, 1.0), ('sample.top_k', -3, 5)])
 def test_numbers_out_of_range_rejected(key, bad, good):
   """They trained without a word (a negative learning rate reached a loss of 7e7)."""
   d = mnist_mlp_dict()
@@ -205,3 +206,14 @@ def test_saved_config_round_trip_and_the_argv_it_completes(tmp_path):
                           '--config.sample.temperature=0'], 'not --config.KEY overrides')):
     with pytest.raises(SystemExit, match=message):
       saved_config.with_saved_config(argv)
+
+
+def test_a_vocabulary_size_only_for_bpe():
+  """--config.data.vocab_size=100 with the char tokenizer was silently ignored."""
+  d = mnist_mlp_dict()
+  d['data'].update(name='text', tokenizer='char', vocab_size=100)
+  with pytest.raises(ValueError, match=r"vocab_size=100 is the size of a bpe vocabulary to "
+                                       r"learn; tokenizer 'char' has its own"):
+    config.resolve(ml_collections.ConfigDict(d))
+  d['data'].update(tokenizer='bpe')
+  config.resolve(ml_collections.ConfigDict(d))

@@ -150,6 +150,9 @@ def test_more_steps_on_a_cosine_schedule_says_the_rate_moves(tmp_path, capsys):
   train.train_and_evaluate(constant, constant_dir)
   out = capsys.readouterr().out
   assert 'total_steps: 30 -> 60' in out and 'the learning rate at step' not in out
+  constant.total_steps = 10  # fewer than it has trained: said so (was 'finished (60 of 10)')
+  train.train_and_evaluate(constant, constant_dir)
+  assert 'has trained 60 steps, more than config.total_steps=10' in capsys.readouterr().out
 
 
 def test_partial_and_damaged_checkpoints_are_never_loaded(tmp_path, capsys):

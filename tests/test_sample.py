@@ -74,6 +74,11 @@ def test_too_long_request_raises(params):
     sample.generate(MODEL, params, PROMPT, max_new_tokens=14, temperature=0)
   with pytest.raises(ValueError, match='rng'):
     sample.generate(MODEL, params, PROMPT, max_new_tokens=2)
+  for bad in (dict(top_k=-3), dict(top_k=2.5)):  # -3: a JAX traceback
+    with pytest.raises(ValueError, match='top_k=.*: use a number of tokens >= 1'):
+      sample.generate(MODEL, params, PROMPT, max_new_tokens=2, rng=jax.random.key(0), **bad)
+  with pytest.raises(ValueError, match=r'top_p=1.5: use a probability in \(0, 1\]'):
+    sample.generate(MODEL, params, PROMPT, max_new_tokens=2, rng=jax.random.key(0), top_p=1.5)
   for bad in (-1.0, float('nan')):  # -1 sampled from the least likely tokens, without a word
     with pytest.raises(ValueError, match='use 0 \\(greedy\\) or a positive number'):
       sample.generate(MODEL, params, PROMPT, max_new_tokens=2, rng=jax.random.key(0),
