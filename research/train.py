@@ -229,12 +229,13 @@ def _fetch_window(exp, step, window) -> dict:
   return values
 
 
-def _write_train(exp, writer, step, window, clock):
-  """Writes the mean of a window of metrics (fetched one step after they were made)."""
+def _write_train(exp, writer, step, window, clock, finished=None):
+  """Writes the mean of a window of metrics (fetched one step after they were made);
+  `finished`: the steps finished by now (default `step`), for the clock."""
   values = _fetch_window(exp, step, window)
   updates = values.pop('updates', None)  # config.nonfinite=skip: skipped steps hold the schedule
   values = {k: float(np.sum(v) if k == 'skipped' else np.nanmean(v)) for k, v in values.items()}
-  seconds_per_step = clock.seconds_per_step(step)
+  seconds_per_step = clock.seconds_per_step(finished or step)
   schedule_step = step if updates is None else int(updates[-1])
   values['learning_rate'] = exp.learning_rates[max(schedule_step - 1, 0)]
   values['examples_per_sec'] = exp.config.batch_size / seconds_per_step
@@ -426,7 +427,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_main:  # once this config has compiled and run
           _write_run_files(exp, workdir)
       if pending:  # the last window's metrics, fetched now that the next step is queued
-        _write_train(exp, writer, *pending, clock)
+        # Has that step finished too? It has when dispatch waits for the computation (JAX's
+        # CPU dispatch on one device, research/hostmem.py); counting it there or not made
+        # the first window 1/k too slow and a last 1-step window written at once 1000x fast.
+        ready = all(getattr(x, 'is_ready', lambda: True)() for x in jax.tree.leaves(metrics))
+        _write_train(exp, writer, *pending, clock, finished=done if ready else None)
         pending = None
       if done % config.log_every_steps == 0 or done == config.total_steps:
         pending, window = (done, window), []
