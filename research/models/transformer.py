@@ -193,10 +193,12 @@ class Dense(nn.Module):
     # carries over.
     # On CPUs the kernel is flattened to a matrix as well (c_attn's [embed, 3, heads, dim] and
     # attn_proj's [heads, dim, embed]): its gradients with several contracting axes ran at half
-    # the matmul speed there. Elsewhere it is not, so that a kernel split over heads (tensor
-    # parallelism) is not gathered by the reshape.
+    # the matmul speed there. Elsewhere, or where an axis other than the first of those merged
+    # is split over devices (c_attn's heads under tensor parallelism), it is not: the reshape
+    # would gather the kernel and every device would compute all of it.
     lead, inputs = x.shape[:x.ndim - self.in_dims], x.shape[x.ndim - self.in_dims:]
-    if jax.default_backend() == 'cpu':
+    if (jax.default_backend() == 'cpu' and _merges_in_place(self.names[:self.in_dims])
+        and _merges_in_place(self.names[self.in_dims:])):
       x, kernel = x.reshape(-1, math.prod(inputs)), kernel.reshape(math.prod(inputs), -1)
       contract = ((1,), (0,))
     else:
@@ -209,6 +211,24 @@ class Dense(nn.Module):
           features, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def _devices(names) -> list[int]:
+  """Over how many devices each of the logical axes `names` is split, under the mesh and rules
+  being traced with (research/parallel.py); all 1 outside them."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return [1] * len(names)
+  def devices(axes):
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(mesh.shape[a] for a in axes if a is not None)
+  return [devices(axes) for axes in nn.logical_to_mesh_axes(names)]
+
+
+def _merges_in_place(names) -> bool:
+  """Whether axes with logical `names` merge into one without moving data between devices:
+  only the first may be split."""
+  return all(n == 1 for n in _devices(names)[1:])
 
 
 class Block(nn.Module):
@@ -325,7 +345,12 @@ class GPT(nn.Module):
     # The same for every sequence, written as an outer product with ones so that its gradient
     # (a sum over the batch) is a contraction: XLA's CPU backend reduces over a leading axis
     # 40x slower than it contracts (28 vs 0.6 ms at shakespeare_char's [64, 256, 384]).
-    x = wte(tokens) + jnp.einsum('b,tc->btc', jnp.ones((batch,), pos.dtype), pos)
+    # The lookup reads the whole table (gathered, as FSDP gathers every parameter for its use):
+    # a lookup in its shards (vocab over tensor, embed over fsdp) made XLA replicate the
+    # result to lay it out over the batch ('involuntary full rematerialization').
+    table = constrain(wte.embedding, (None, None)).astype(self.dtype)
+    x = jnp.take(table, tokens, axis=0) + jnp.einsum('b,tc->btc', jnp.ones((batch,), pos.dtype),
+                                                     pos)
     x = constrain(nn.Dropout(self.dropout_rate, deterministic=not train)(x),
                   ('batch', 'length', 'embed'))
 
@@ -348,8 +373,9 @@ class GPT(nn.Module):
     x = layer_norm('ln_f', self)(x)
     # The head is tied to the token embedding, whose padding rows are never predicted. On CPUs
     # they are dropped before the matmul (nano's 384 rows are 257 tokens: its step 2% faster,
-    # BENCHMARKS.md); elsewhere after it, so that the matmul keeps the width that tiles well.
-    if jax.default_backend() == 'cpu':
+    # BENCHMARKS.md); elsewhere after it, so that the matmul keeps the width that tiles well,
+    # and where the vocabulary is split over devices (slicing it would gather it).
+    if jax.default_backend() == 'cpu' and _devices(('vocab',)) == [1]:
       head = wte.embedding[:self.vocab_size].astype(self.dtype)
       logits = constrain(x @ head.T, ('batch', 'length', None))
     else:
