@@ -348,7 +348,7 @@ class GPT(nn.Module):
     # The lookup reads the whole table (gathered, as FSDP gathers every parameter for its use):
     # a lookup in its shards (vocab over tensor, embed over fsdp) made XLA replicate the
     # result to lay it out over the batch ('involuntary full rematerialization').
-    table = constrain(wte.embedding, (None, None)).astype(self.dtype)
+    table = constrain(wte.embedding.astype(self.dtype), (None, None))  # gathered in dtype
     x = jnp.take(table, tokens, axis=0) + jnp.einsum('b,tc->btc', jnp.ones((batch,), pos.dtype),
                                                      pos)
     x = constrain(nn.Dropout(self.dropout_rate, deterministic=not train)(x),
