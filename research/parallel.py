@@ -59,8 +59,12 @@ def mesh_shape(parallel_config) -> tuple[int, ...]:
   if -1 in sizes and n % known == 0:
     sizes = [n // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != n:
+    fix = (f'the other axes multiply to {known}, which does not divide them' if -1 in sizes
+           else f'make the product {n} (or set one axis to -1)')
     raise ValueError(f'config.parallel.mesh={given} multiplies to {known} devices, but there '
-                     f'are {n}; make the product {n} (or set one axis to -1).')
+                     f'are {n}: {fix}. For data parallelism on any number of devices: '
+                     '--config.parallel.mesh.data=-1 --config.parallel.mesh.fsdp=1 '
+                     '--config.parallel.mesh.tensor=1.')
   return tuple(sizes)
 
 
@@ -95,14 +99,17 @@ def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh,
   n = math.prod(mesh.shape[a] for a in BATCH)
   for key, size in (('batch_size', batch_size), ('eval_batch_size', eval_batch_size)):
     if size % n:
+      step = n * grad_accum_steps * parts if key == 'batch_size' else n  # what must divide it
       raise ValueError(
           f'config.{key}={size} is not divisible by the number of devices it is split over '
-          f'({n} = mesh data x fsdp); use a multiple of {n}, e.g. {max(1, size // n) * n}.')
+          f'({n} = mesh data x fsdp); use a multiple of {n}, e.g. {max(1, size // step) * step}.')
   if batch_size % (n * grad_accum_steps * parts):
     names, sizes = 'devices x config.grad_accum_steps', f'{n} x {grad_accum_steps}'
     if parts > 1:
       names, sizes = names + ' x config.parallel.cpu_batch_parts', sizes + f' x {parts}'
-    raise ValueError(f'config.batch_size={batch_size} must be divisible by {names} = {sizes}.')
+    step = n * grad_accum_steps * parts
+    raise ValueError(f'config.batch_size={batch_size} must be divisible by {names} = {sizes}, '
+                     f'e.g. {max(1, batch_size // step) * step}.')
   check_process_rows(mesh, batch_size)
 
 

@@ -224,6 +224,10 @@ def test_mesh_that_does_not_fit_the_devices_is_explained(tmp_path):
   with pytest.raises(ValueError, match=r'config\.parallel\.mesh=.* multiplies to 12 devices, but '
                                        r'there are 8'):
     train.setup(gpt_config(data=3, fsdp=2, tensor=2), str(tmp_path))
+  # An axis at -1 already: the others must divide the devices (it said 'set one axis to -1').
+  with pytest.raises(ValueError, match=r'the other axes multiply to 3, which does not divide '
+                                       r'them\. For data parallelism on any number of devices'):
+    train.setup(gpt_config(data=3, tensor=-1), str(tmp_path))
   with pytest.raises(ValueError, match=r'config\.parallel\.mode=pmap is data parallelism only'):
     config = gpt_config(data=4, fsdp=2)
     config.parallel.mode = 'pmap'
@@ -395,6 +399,12 @@ def test_batch_not_divisible_by_devices_x_accumulation_x_cpu_batch_parts_is_refu
                                        r'config\.grad_accum_steps x config\.parallel\.'
                                        r'cpu_batch_parts = 8 x 1 x 2'):
     parallel.check_batch_size(8, 1, mesh, parts=2)
+  # The batch size suggested is one that passes (it suggested 8 here, refused for the parts).
+  for size in (12, 20):
+    with pytest.raises(ValueError, match=r'e\.g\. (\d+)') as error:
+      parallel.check_batch_size(size, 1, mesh, parts=2)
+    parallel.check_batch_size(int(re.search(r'e\.g\. (\d+)', str(error.value))[1]), 1, mesh,
+                              parts=2)
   # Through train.setup: mnist_cnn's cpu config computes each batch as 2 parts on CPUs.
   config = cpu_config('mnist_cnn', batch_size=16, grad_accum_steps=2)
   assert config.parallel.cpu_batch_parts == 2
