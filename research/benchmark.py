@@ -9,7 +9,9 @@ mfu, peak_memory_bytes, params, batch_size, seq_len, vocab_size (GPTs), device_k
 device_count, config.
 
 --compile_only compiles the step ahead of time for the configured devices and prints its
-compile time, memory (per device) and XLA's FLOPs per step instead, before a long run.
+compile time, memory (per device) and XLA's FLOPs per step instead, before a long run. XLA's
+figure is one device's program with a loop body (micro-batches, scanned layers) counted once;
+for GPTs model_flops_per_step is the whole step's 6N + 12 L C T per token, as MFU counts.
 
 --against_torch times the PyTorch reference of the same experiment (research/torch_reference.py)
 as well: --rounds rounds, each running this benchmark and then the reference in fresh processes
@@ -115,9 +117,18 @@ def compile_only(config, name: str = '') -> dict:
     memory = step.memory_analysis()
     cost = step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    model_flops = None
+    if exp.config.model.name == 'gpt':  # what MFU counts: the whole step, all devices
+      model_flops = exp.config.batch_size * exp.config.data.seq_len * (
+          transformer.gpt_flops_per_token(state.params, exp.config.model.n_layer,
+                                          exp.config.model.n_embd, exp.config.data.seq_len))
     return {
         'compile_s': compile_s,
+        # XLA's cost analysis: one device's program, a loop body (micro-batches, scanned
+        # layers) counted once.
         'flops_per_step': float(cost.get('flops', float('nan'))),
+        'flops_per_step_counts': 'one device; loop bodies once',
+        'model_flops_per_step': model_flops,
         'argument_bytes': int(memory.argument_size_in_bytes),
         'temp_bytes': int(memory.temp_size_in_bytes),
         'output_bytes': int(memory.output_size_in_bytes),
@@ -216,9 +227,9 @@ def _last_json_line(command: list[str]) -> dict:
   return json.loads(lines[-1])
 
 
-def override_flags(values: dict) -> list[str]:
+def override_flags(values: dict, flag: str = 'config') -> list[str]:
   """The config overrides given on the command line (`get_override_values`), as flags again."""
-  return [f'--config.{key}={value}' for key, value in values.items()]
+  return [f'--{flag}.{key}={value}' for key, value in values.items()]
 
 
 def mock_data(config):
@@ -284,8 +295,10 @@ def main(argv):
     if FLAGS.config_b is not None:
       if FLAGS.compile_only or FLAGS.steps < 1:
         raise app.UsageError('--config_b needs --steps >= 1 and no --compile_only.')
+      label = lambda flag: ' '.join([flags.FLAGS[flag].config_filename, *override_flags(
+          config_flags.get_override_values(flags.FLAGS[flag]), flag)])  # what A and B differ in
       result = run_ab(FLAGS.config, FLAGS.config_b, FLAGS.steps, FLAGS.warmup,
-                      (name, flags.FLAGS['config_b'].config_filename))
+                      (label('config'), label('config_b')))
     elif FLAGS.compile_only:
       result = compile_only(FLAGS.config, name)
     else:

@@ -75,7 +75,10 @@ def test_config_b_is_compared_in_the_same_process():
                    '--warmup=1')
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
-  assert result['pairs'] == 6 and result['config_b'] == 'experiments/gpt_small.py:cpu'
+  assert result['pairs'] == 6  # each side named with its overrides (B's were left out)
+  assert result['config_b'] == ('experiments/gpt_small.py:cpu --config_b.batch_size=32 '
+                                '--config_b.model.n_layer=3'), result
+  assert result['config'].endswith('--config.batch_size=32 --config.model.n_layer=1'), result
   assert result['b_over_a'] > 1.2 and result['b_step_ms'] > result['a_step_ms']
   assert result['b_faster_share'] < 0.5
 
@@ -119,3 +122,14 @@ def test_an_override_of_a_key_the_experiment_lacks_is_named():
   assert done.returncode != 0 and 'Traceback' not in done.stderr
   assert ('a --config override names a key the experiment does not have: '
           'config.model.dropoutrate (did you mean config.model.dropout_rate?)') in done.stderr
+
+
+def test_compile_only_gives_xla_s_flops_and_the_model_s():
+  """XLA's cost analysis counts a loop body once (here the 2 micro-batches' loop): its figure
+  is about half the step's; model_flops_per_step is the whole step as MFU counts it."""
+  done = benchmark('--config.model.n_layer=1', '--config.grad_accum_steps=2', '--compile_only')
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result['flops_per_step_counts'] == 'one device; loop bodies once'
+  ratio = result['model_flops_per_step'] / (result['flops_per_step'] * result['device_count'])
+  assert 1.6 < ratio < 2.4, result
