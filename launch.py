@@ -39,6 +39,8 @@ flags.DEFINE_bool('distributed', False, 'Several processes: jax.distributed.init
 flags.DEFINE_string('coordinator_address', None, 'Other clusters: HOST:PORT of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Other clusters: the number of processes.')
 flags.DEFINE_integer('process_id', None, 'Other clusters: this process, 0 .. num_processes-1.')
+flags.DEFINE_integer('distributed_timeout', 300, 'Several processes: seconds to wait for all of '
+                     'them to join before giving up.')
 FLAGS = flags.FLAGS
 
 
@@ -74,9 +76,17 @@ def initialize_distributed():
   if os.environ.get('JAX_PLATFORMS', '').startswith('cpu') or FLAGS.coordinator_address:
     # CPU devices of several processes talk through gloo (harmless on accelerators).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # JAX waits silently for the others, then ends the process from C++ ('another task died').
+  count = FLAGS.num_processes or "the cluster's"
+  print(f'Joining {count} processes'
+        + (f' through {FLAGS.coordinator_address}' if FLAGS.coordinator_address else '')
+        + (f' as process {FLAGS.process_id}' if FLAGS.process_id is not None else '')
+        + f'; waiting up to {FLAGS.distributed_timeout} s for all of them '
+        '(--distributed_timeout).', file=sys.stderr, flush=True)
   try:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                               initialization_timeout=FLAGS.distributed_timeout)
   except ValueError as e:  # e.g. no cluster detected and no --coordinator_address
     raise app.UsageError(f'Several processes: {e} Outside Cloud TPU and SLURM pass all of '
                          '--coordinator_address=HOST:PORT, --num_processes and --process_id.')

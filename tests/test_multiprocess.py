@@ -136,3 +136,16 @@ def test_process_flags_without_a_coordinator_do_not_train_alone(tmp_path):
   done = run_launch('--config=experiments/linear_regression.py:cpu', f'--workdir={tmp_path}',
                     '--num_processes=1', '--config.total_steps=2', env=env)
   assert done.returncode == 0 and 'learned parameters' in done.stdout, done.stderr[-2000:]
+
+
+def test_a_process_whose_peers_never_join_says_what_it_waits_for(tmp_path):
+  """Nobody at the coordinator's address: JAX waited 5 minutes without a word, then ended the
+  process from C++ saying another task died. The wait is said first, and --distributed_timeout
+  bounds it."""
+  result = run_launch('--config=experiments/linear_regression.py:cpu', f'--workdir={tmp_path}',
+                      f'--coordinator_address=127.0.0.1:{free_port()}', '--num_processes=2',
+                      '--process_id=1', '--distributed_timeout=3')
+  assert result.returncode != 0
+  assert result.stderr.startswith('Joining 2 processes through 127.0.0.1:'), result.stderr[:2000]
+  assert 'as process 1; waiting up to 3 s for all of them (--distributed_timeout)' in (
+      result.stderr)
