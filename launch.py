@@ -40,7 +40,7 @@ flags.DEFINE_string('coordinator_address', None, 'Other clusters: HOST:PORT of p
 flags.DEFINE_integer('num_processes', None, 'Other clusters: the number of processes.')
 flags.DEFINE_integer('process_id', None, 'Other clusters: this process, 0 .. num_processes-1.')
 flags.DEFINE_integer('distributed_timeout', 300, 'Several processes: seconds to wait for all of '
-                     'them to join before giving up.')
+                     'them to join before giving up.', lower_bound=1)
 FLAGS = flags.FLAGS
 
 

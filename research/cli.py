@@ -41,7 +41,7 @@ def _unknown_override(argv, flag: str, key: str) -> tuple[str, str | None] | Non
   experiment lacks, cut where it stops resolving ('config.modle' of 'config.modle.dropout'),
   with the closest key there; None if there is none or the experiment cannot be loaded."""
   try:
-    config = _load_experiment(_flag_values(argv, flag)[0])
+    config = _load_experiment(_flag_values(argv, flag)[-1])
   except Exception:  # pylint: disable=broad-except  (only for the message)
     return None
   for parts in _overrides(argv, flag):
@@ -63,7 +63,7 @@ def _bad_experiment(argv) -> str | None:
   """A line naming a --config (or --config_b) file that does not exist, with the closest
   experiment file, or an ARG its get_config refuses (a ValueError); None when all load."""
   for flag in ('config', 'config_b'):
-    for value in _flag_values(argv, flag):
+    for value in _flag_values(argv, flag)[-1:]:  # absl takes the last
       path = value.partition(':')[0]
       if not os.path.isfile(path):
         here = os.path.dirname(path) or '.'

@@ -17,7 +17,10 @@ import ml_collections
 def get_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   with open(path, encoding='utf-8') as f:
-    saved = json.load(f)
+    try:
+      saved = json.load(f)
+    except ValueError as e:
+      raise ValueError(f'{path} is not a config written by a run ({e}).') from e
   # JSON has no tuples; the experiments' sequences are tuples, which overrides can replace.
   tuples = lambda x: ({k: tuples(v) for k, v in x.items()} if isinstance(x, dict) else
                       tuple(tuples(v) for v in x) if isinstance(x, list) else x)

@@ -56,7 +56,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   parts = parallel.batch_parts(config.parallel, mesh)
   parallel.check_batch_size(config.batch_size, config.grad_accum_steps, mesh,
                            config.eval_batch_size, parts)
-  data = data_lib.build(config)
+  data = data_lib.build(config, workdir)
   if config.loss == 'cross_entropy' and not (data.num_classes or data.tokenizer):
     raise ValueError(f'config.loss=cross_entropy needs class labels, but {config.data.name!r} '
                      'has none; use config.loss=mse.')

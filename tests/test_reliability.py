@@ -621,6 +621,14 @@ def test_init_from_a_language_model_keeps_its_tokenizer(tmp_path):
   train.train_and_evaluate(lm_config('b', init_from=source), str(tmp_path / 'b'))
   read = lambda run: (tmp_path / run / 'tokenizer' / 'tokenizer.json').read_text()
   assert read('b') == read('a')  # 9 characters, not the 6 of text b
+  # Resumed with the other run gone: its own copy (a tokenizer learnt anew was refused).
+  a_tokenizer = read('a')
+  shutil.move(source, str(tmp_path / 'a_moved'))
+  resumed = lm_config('b', init_from=source)
+  resumed.total_steps = 2
+  train.train_and_evaluate(resumed, str(tmp_path / 'b'))
+  assert read('b') == a_tokenizer
+  shutil.move(str(tmp_path / 'a_moved'), source)
   with pytest.raises(ValueError, match=r"trained with tokenizer 'char'; set "
                                        r"config.data.tokenizer='char'"):
     train.train_and_evaluate(lm_config('b', init_from=source, **{'data.tokenizer': 'byte'}),

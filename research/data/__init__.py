@@ -25,12 +25,17 @@ class Data:
   eval_split: str = ''                            # what eval_batches evaluates, by name
 
 
-def _init_from_tokenizer(config):
-  """The tokenizer of the run `config.init_from` names (its embeddings are of its token ids,
-  so fine-tuning on other text keeps it, where a 'char' or 'bpe' one would be learnt anew from
-  that text), or None."""
-  path = os.path.join(config.init_from, 'tokenizer') if config.init_from else ''
-  if not path or not os.path.exists(os.path.join(path, 'tokenizer.json')):
+def _init_from_tokenizer(config, workdir: str | None):
+  """For a run started from `config.init_from`: the tokenizer it took from that run (its
+  embeddings are of its token ids, so fine-tuning on other text keeps it, where a 'char' or
+  'bpe' one would be learnt anew from that text): once the run has saved it, its own copy in
+  `workdir` (the other run may be gone); else the other run's; else None."""
+  if not config.init_from:
+    return None
+  candidates = [os.path.join(run, 'tokenizer') for run in (workdir, config.init_from) if run]
+  path = next((p for p in candidates if os.path.exists(os.path.join(p, 'tokenizer.json'))),
+              None)
+  if path is None:
     return None
   tokenizer = text.tokenizers.load(path)
   if tokenizer.kind != config.data.tokenizer:
@@ -40,8 +45,9 @@ def _init_from_tokenizer(config):
   return tokenizer
 
 
-def build(config) -> Data:
-  """Builds `config.data` for this process (each process reads only its share)."""
+def build(config, workdir: str | None = None) -> Data:
+  """Builds `config.data` for this process (each process reads only its share); `workdir`: the
+  run's, where a run started from config.init_from keeps that run's tokenizer."""
   index, count = jax.process_index(), jax.process_count()
   eval_batch_size = config.eval_batch_size or config.batch_size
   if config.data.name == 'text':
@@ -51,7 +57,7 @@ def build(config) -> Data:
                        "at 'train' and 'test'.")
     lm = text.build_lm_data(
         config.data.source, config.data.tokenizer, config.data.seq_len, config.batch_size,
-        config.seed, tokenizer=_init_from_tokenizer(config), eval_batch_size=eval_batch_size,
+        config.seed, tokenizer=_init_from_tokenizer(config, workdir), eval_batch_size=eval_batch_size,
         vocab_size=config.data.vocab_size or None,
         cache_dir=config.data.cache_dir or os.path.expanduser('~/.cache/research/tokenizers'),
         process_index=index, process_count=count, max_bytes=config.data.max_bytes or None,

@@ -345,10 +345,13 @@ class GPT(nn.Module):
     # The same for every sequence, written as an outer product with ones so that its gradient
     # (a sum over the batch) is a contraction: XLA's CPU backend reduces over a leading axis
     # 40x slower than it contracts (28 vs 0.6 ms at shakespeare_char's [64, 256, 384]).
-    # The lookup reads the whole table (gathered, as FSDP gathers every parameter for its use):
-    # a lookup in its shards (vocab over tensor, embed over fsdp) made XLA replicate the
-    # result to lay it out over the batch ('involuntary full rematerialization').
-    table = constrain(wte.embedding.astype(self.dtype), (None, None))  # gathered in dtype
+    # On CPU meshes the lookup reads the whole table: a lookup in its shards (vocab over
+    # tensor, embed over fsdp) made XLA replicate the result to lay it out over the batch
+    # ('involuntary full rematerialization'). Elsewhere not measured, and this would add a
+    # gather of the table and a separate reduction of its gradient (XLA's HLO for GPUs).
+    table = wte.embedding.astype(self.dtype)
+    if jax.default_backend() == 'cpu':
+      table = constrain(table, (None, None))
     x = jnp.take(table, tokens, axis=0) + jnp.einsum('b,tc->btc', jnp.ones((batch,), pos.dtype),
                                                      pos)
     x = constrain(nn.Dropout(self.dropout_rate, deterministic=not train)(x),
