@@ -555,8 +555,8 @@ def test_skipped_steps_are_summed_per_window_and_the_rate_follows_the_updates_ma
   bad = {1, 2, 5}  # 0-based steps
   build = data_lib.build
 
-  def build_with_nans(config):
-    data = build(config)
+  def build_with_nans(config, workdir=None):
+    data = build(config, workdir)
     clean = data.train_batches
 
     def train_batches(start):
