@@ -41,22 +41,30 @@ def shapes(tree) -> dict[str, tuple]:
   return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(x.shape) for p, x in flat}
 
 
+def shape_mismatch(saved: dict, wanted: dict) -> str | None:
+  """Of two `shapes` maps, the first path (parameters first) whose shape differs, as
+  'PATH is SAVED in the checkpoint but WANTED now'; None if they agree."""
+  params_first = lambda path: (not path.startswith('params'), path)
+  for path in sorted(set(saved) | set(wanted), key=params_first):
+    if saved.get(path) != wanted.get(path):
+      return (f'{path} is {saved.get(path, "absent")} in the checkpoint but '
+              f'{wanted.get(path, "absent")} now')
+  return None
+
+
 def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_state) -> bool:
   """Raises a ValueError naming the first parameter whose shape the config changed; False if
   the checkpoint's metadata cannot be read (nothing checked), else True."""
   saved, error = _read_quietly(lambda: shapes(mngr.item_metadata(step)))
   if error is not None:  # unreadable metadata: let the restore decide
     return False
-  wanted = shapes(abstract_state)
-  params_first = lambda path: (not path.startswith('params'), path)
-  for path in sorted(set(saved) | set(wanted), key=params_first):
-    if saved.get(path) != wanted.get(path):
-      raise ValueError(
-          f'The checkpoint {mngr.directory}/{step} does not fit this config: {path} is '
-          f'{saved.get(path, "absent")} in the checkpoint but {wanted.get(path, "absent")} '
-          'now. The model (or optimizer) differs from the run that wrote it: restore the '
-          'config it was trained with (config.json in the workdir), or use a new --workdir '
-          '(config.init_from=OLD_WORKDIR starts from its parameters).')
+  mismatch = shape_mismatch(saved, shapes(abstract_state))
+  if mismatch:
+    raise ValueError(
+        f'The checkpoint {mngr.directory}/{step} does not fit this config: {mismatch}. The '
+        'model (or optimizer) differs from the run that wrote it: restore the config it was '
+        'trained with (config.json in the workdir), or use a new --workdir '
+        '(config.init_from=OLD_WORKDIR starts from its parameters).')
   return True
 
 

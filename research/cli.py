@@ -20,11 +20,18 @@ def _overrides(argv, flag: str) -> list[list[str]]:
           for arg in argv[1:] if arg.startswith(prefix)]
 
 
-def _flag_values(argv, flag: str) -> list[str]:
-  """The values of --FLAG=VALUE and --FLAG VALUE in argv."""
-  return [arg.split('=', 1)[1] if arg.startswith(f'--{flag}=') else argv[i + 1]
-          for i, arg in enumerate(argv[1:], 1)
-          if arg.startswith(f'--{flag}=') or (arg == f'--{flag}' and i + 1 < len(argv))]
+def flag_values(argv, flag: str) -> list[str]:
+  """The values given to --FLAG in argv, in order, read as absl reads them: -FLAG or --FLAG,
+  =VALUE or the next item (absl uses the last)."""
+  values = []
+  for i, arg in enumerate(argv[1:], 1):
+    name, eq, value = arg.lstrip('-').partition('=')
+    if arg.startswith('-') and name == flag:
+      if eq:
+        values.append(value)
+      elif i + 1 < len(argv):
+        values.append(argv[i + 1])
+  return values
 
 
 def _load_experiment(value: str):
@@ -41,7 +48,7 @@ def _unknown_override(argv, flag: str, key: str) -> tuple[str, str | None] | Non
   experiment lacks, cut where it stops resolving ('config.modle' of 'config.modle.dropout'),
   with the closest key there; None if there is none or the experiment cannot be loaded."""
   try:
-    config = _load_experiment(_flag_values(argv, flag)[-1])
+    config = _load_experiment(flag_values(argv, flag)[-1])
   except Exception:  # pylint: disable=broad-except  (only for the message)
     return None
   for parts in _overrides(argv, flag):
@@ -63,7 +70,7 @@ def _bad_experiment(argv) -> str | None:
   """A line naming a --config (or --config_b) file that does not exist, with the closest
   experiment file, or an ARG its get_config refuses (a ValueError); None when all load."""
   for flag in ('config', 'config_b'):
-    for value in _flag_values(argv, flag)[-1:]:  # absl takes the last
+    for value in flag_values(argv, flag)[-1:]:  # absl takes the last
       path = value.partition(':')[0]
       if not os.path.isfile(path):
         here = os.path.dirname(path) or '.'

@@ -190,9 +190,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if key == 'model.dropout_rate' and 'dropout_rate' not in resolved.model:
       continue
     value = get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-      allowed = (f'>= {low}' if high == math.inf else f'in [{low}, 1]' if high > 1 > low
-                 else f'in [{low}, {high})')
+    closed = key in CLOSED_ABOVE
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+        or not (low <= value <= high if closed else low <= value < high)):
+      allowed = (f'>= {low}' if high == math.inf else
+                 f'in [{low}, {high}{"]" if closed else ")"}')
       raise ValueError(f'config.{key} must be a number {allowed}, got {value!r}.')
   if resolved.data.vocab_size and resolved.data.tokenizer != 'bpe':
     raise ValueError(f'config.data.vocab_size={resolved.data.vocab_size} is the size of a bpe '
@@ -209,7 +211,8 @@ RANGES = (('label_smoothing', 0, 1), ('model.dropout_rate', 0, 1),
           ('optimizer.b1', 0, 1), ('optimizer.b2', 0, 1), ('optimizer.eps', 0, math.inf),
           ('optimizer.weight_decay', 0, math.inf), ('optimizer.grad_clip_norm', 0, math.inf),
           ('sample.temperature', 0, math.inf), ('sample.top_k', 0, math.inf),
-          ('sample.top_p', 0, math.nextafter(1, 2)))  # top_p: up to 1 included
+          ('sample.top_p', 0, 1))
+CLOSED_ABOVE = {'sample.top_p'}  # 1 allowed: the whole distribution
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:

@@ -13,6 +13,8 @@ import sys
 
 import ml_collections
 
+from research import cli
+
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
@@ -31,15 +33,7 @@ def with_saved_config(argv: list[str]) -> list[str]:
   """`argv` with `--config=research/saved_config.py:WORKDIR` added where a launch names no
   --config, a --workdir with a config.json and a mode that reads a config (train, eval).
   --config.KEY overrides that have no config to change exit with a line saying why."""
-  def value(name):  # as absl reads flags: -name or --name, =VALUE or the next item; the last
-    found = None
-    for i, arg in enumerate(argv[1:], 1):
-      for dashes in ('--', '-'):
-        if arg.startswith(f'{dashes}{name}='):
-          found = arg.split('=', 1)[1]
-        elif arg == f'{dashes}{name}' and i + 1 < len(argv):
-          found = argv[i + 1]
-    return found
+  value = lambda name: (cli.flag_values(argv, name) or [None])[-1]
   if value('config') is not None:
     return argv
   workdir, mode = value('workdir'), value('mode')

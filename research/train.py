@@ -304,7 +304,7 @@ def _eval_record(workdir: str, step: int, split: str) -> dict | None:
       except ValueError:  # a line cut short by a kill
         continue
       if (record.get('split') == 'eval' and record.get('step') == step
-          and record.get('eval_split', split) == split):  # records before 2026-11-27 lack it
+          and record.get('eval_split', split) == split):  # older records lack it
         found = {k: int(v) if k == 'num_examples' else v for k, v in record.items()
                  if k not in ('step', 'split', 'time', 'eval_split')}
   return found
@@ -343,13 +343,12 @@ def _start(exp, writer):
     source = exp.config.init_from
     params = checkpoint.load_params(source)
     fresh = exp.compiled.get_state(state)
-    theirs, ours = checkpoint.shapes(params), checkpoint.shapes(fresh.params)
-    for path in sorted(set(theirs) | set(ours)):
-      if theirs.get(path) != ours.get(path):
-        raise ValueError(
-            f'config.init_from={source!r}: its params/{path} is {theirs.get(path, "absent")} '
-            f'but this model\'s is {ours.get(path, "absent")}: the model settings must be the '
-            f'same (see {os.path.join(source, "config.json")}), e.g. config.model.scan_layers.')
+    mismatch = checkpoint.shape_mismatch(checkpoint.shapes({'params': params}),
+                                         checkpoint.shapes({'params': fresh.params}))
+    if mismatch:
+      raise ValueError(
+          f'config.init_from={source!r}: {mismatch}: the model settings must be the '
+          f'same (see {os.path.join(source, "config.json")}), e.g. config.model.scan_layers.')
     params = jax.device_put(params, exp.compiled.state_sharding.params)
     state = exp.compiled.put_state(fresh.replace(params=params))
     writer.log(f'parameters initialised from {exp.config.init_from}; optimizer and step new')

@@ -633,8 +633,8 @@ def test_init_from_a_language_model_keeps_its_tokenizer(tmp_path):
                                        r"config.data.tokenizer='char'"):
     train.train_and_evaluate(lm_config('b', init_from=source, **{'data.tokenizer': 'byte'}),
                              str(tmp_path / 'c'))
-  with pytest.raises(ValueError, match=r"its params/h_1/attn_proj/bias is absent but this "
-                                       r"model's is \(32,\)"):
+  with pytest.raises(ValueError, match=r"params/h_1/attn_proj/bias is absent in the checkpoint "
+                                       r"but \(32,\) now"):
     train.train_and_evaluate(lm_config('b', init_from=source, **{'model.n_layer': 2}),
                              str(tmp_path / 'd'))
 

@@ -57,8 +57,8 @@ def build(config, workdir: str | None = None) -> Data:
                        "at 'train' and 'test'.")
     lm = text.build_lm_data(
         config.data.source, config.data.tokenizer, config.data.seq_len, config.batch_size,
-        config.seed, tokenizer=_init_from_tokenizer(config, workdir), eval_batch_size=eval_batch_size,
-        vocab_size=config.data.vocab_size or None,
+        config.seed, tokenizer=_init_from_tokenizer(config, workdir),
+        eval_batch_size=eval_batch_size, vocab_size=config.data.vocab_size or None,
         cache_dir=config.data.cache_dir or os.path.expanduser('~/.cache/research/tokenizers'),
         process_index=index, process_count=count, max_bytes=config.data.max_bytes or None,
         max_eval_batches=config.max_eval_batches or None, data_dir=config.data.data_dir or None,

@@ -177,7 +177,6 @@ def load_text(source: str, max_bytes: int | None = None, data_dir: str | None = 
       stdlib sources (documents in sorted order, the last one cut), on each split for TFDS.
     data_dir: the TFDS data directory.
     download: TFDS: download and prepare the dataset if it is not prepared.
-    tokenizer: one to use instead of building `tokenizer_kind` (another run's, to fine-tune it).
 
   Returns:
     The documents of each split.
