@@ -1,7 +1,7 @@
 """GPT-2 small (124M with GPT-2's vocabulary): 12 layers, 12 heads, 768 wide, context 1024.
 
   python launch.py --config=experiments/gpt_small.py          # accelerators
-  python launch.py --config=experiments/gpt_small.py:cpu      # 20-25 s on a 2-core CPU
+  python launch.py --config=experiments/gpt_small.py:cpu      # 17-25 s on a 2-core CPU
   python launch.py --config=experiments/gpt_small.py:nano     # the nano model of the benchmark
   python launch.py --mode=sample --workdir=runs/... --prompt="def "
 
@@ -19,7 +19,8 @@ Measured (one H200, 2026-11-26, bf16, `python -m research.benchmark`): 1.19 s pe
 step, 439k tokens/s, 38% MFU, 46 GB peak memory; nanoGPT's model with torch.compile on the
 same kind of card: 432k tokens/s (BENCHMARKS.md).
 Measured (2-core CPU, 2026-11-26): `:cpu` (2 layers, 128 wide, 462K parameters, 300 steps of
-16 x 128 bytes) takes 20-25 s for the whole command (47-54k tokens/s while training) and reaches a
+16 x 128 bytes) takes 17-25 s for the whole command (47-54k tokens/s while training) and
+reaches a
 validation loss of 2.18 nats per byte (uniform: 5.55).
 Several devices: --config.parallel.mesh.fsdp=8 (and .data, .tensor); see README.md.
 """
