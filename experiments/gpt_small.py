@@ -20,8 +20,7 @@ step, 439k tokens/s, 38% MFU, 46 GB peak memory; nanoGPT's model with torch.comp
 same kind of card: 432k tokens/s (BENCHMARKS.md).
 Measured (2-core CPU, 2026-11-26): `:cpu` (2 layers, 128 wide, 462K parameters, 300 steps of
 16 x 128 bytes) takes 17-25 s for the whole command (47-54k tokens/s while training) and
-reaches a
-validation loss of 2.18 nats per byte (uniform: 5.55).
+reaches a validation loss of 2.18 nats per byte (uniform: 5.55).
 Several devices: --config.parallel.mesh.fsdp=8 (and .data, .tensor); see README.md.
 """
 from research import config as config_lib
