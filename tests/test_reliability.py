@@ -610,7 +610,8 @@ def test_init_from_a_language_model_keeps_its_tokenizer(tmp_path):
   the old embeddings other characters (the padded vocabulary hid the change in size); the run
   named by init_from lends its own. Another kind, or another model shape, is named."""
   def lm_config(source, **overrides):
-    (tmp_path / f'{source}.txt').write_text({'a': 'abcdefgh ' * 300, 'b': 'hgf ed ' * 300}[source])
+    texts = {'a': 'abcdefgh ' * 300, 'b': 'hgf ed ' * 300, 'c': 'abc xyz ' * 300}
+    (tmp_path / f'{source}.txt').write_text(texts[source])
     config = cpu_config('gpt_small', total_steps=1, **{
         'data.source': str(tmp_path / f'{source}.txt'), 'data.tokenizer': 'char',
         'data.seq_len': 16, 'model.block_size': 16, 'model.n_layer': 1, 'model.n_embd': 32,
@@ -637,6 +638,10 @@ def test_init_from_a_language_model_keeps_its_tokenizer(tmp_path):
                                        r"but \(32,\) now"):
     train.train_and_evaluate(lm_config('b', init_from=source, **{'model.n_layer': 2}),
                              str(tmp_path / 'd'))
+  with pytest.raises(ValueError, match=r"character 'x' \(U\+0078\) of config.data.source is "
+                                       r"not in the char alphabet of config.init_from=.*\(10 "
+                                       r"characters\), whose tokenizer this run keeps"):
+    train.train_and_evaluate(lm_config('c', init_from=source), str(tmp_path / 'e'))
 
 
 def test_a_sample_prompt_the_tokenizer_cannot_encode_fails_before_training(tmp_path):

@@ -55,14 +55,25 @@ def build(config, workdir: str | None = None) -> Data:
       raise ValueError('config.data.train_split and eval_split are not used by text data, which '
                        'holds out its own validation text (research/data/text.py): leave them '
                        "at 'train' and 'test'.")
-    lm = text.build_lm_data(
-        config.data.source, config.data.tokenizer, config.data.seq_len, config.batch_size,
-        config.seed, tokenizer=_init_from_tokenizer(config, workdir),
-        eval_batch_size=eval_batch_size, vocab_size=config.data.vocab_size or None,
-        cache_dir=config.data.cache_dir or os.path.expanduser('~/.cache/research/tokenizers'),
-        process_index=index, process_count=count, max_bytes=config.data.max_bytes or None,
-        max_eval_batches=config.max_eval_batches or None, data_dir=config.data.data_dir or None,
-        download=config.data.download)
+    inherited = _init_from_tokenizer(config, workdir)
+    try:
+      lm = text.build_lm_data(
+          config.data.source, config.data.tokenizer, config.data.seq_len, config.batch_size,
+          config.seed, tokenizer=inherited,
+          eval_batch_size=eval_batch_size, vocab_size=config.data.vocab_size or None,
+          cache_dir=config.data.cache_dir or os.path.expanduser('~/.cache/research/tokenizers'),
+          process_index=index, process_count=count, max_bytes=config.data.max_bytes or None,
+          max_eval_batches=config.max_eval_batches or None,
+          data_dir=config.data.data_dir or None, download=config.data.download)
+    except text.tokenizers.UnknownCharacter as e:
+      if inherited is None:
+        raise
+      raise text.tokenizers.UnknownCharacter(e.char, (
+          f'character {e.char!r} (U+{ord(e.char):04X}) of config.data.source is not in the '
+          f'char alphabet of config.init_from={config.init_from!r} ({len(inherited.chars)} '
+          'characters), whose tokenizer this run keeps (its embeddings are of those '
+          'characters): remove such characters from the text, or train a new model without '
+          'init_from.')) from None
     return Data(train_batches=lm.train.iterate, eval_batches=lambda: lm.eval_batches,
                 input_shape=(config.data.seq_len,), input_dtype=np.int32,
                 tokenizer=lm.tokenizer, eval_split='validation')

@@ -81,6 +81,14 @@ class ByteTokenizer(Tokenizer):
     return bytes(i for i in ids if 0 <= i < 256).decode('utf-8', errors='replace')
 
 
+class UnknownCharacter(ValueError):
+  """Text holds a character (`.char`) outside a 'char' tokenizer's alphabet."""
+
+  def __init__(self, char: str, message: str):
+    super().__init__(message)
+    self.char = char
+
+
 class CharTokenizer(Tokenizer):
   """One id per character of a fixed alphabet (sorted), end-of-text last."""
   kind = 'char'
@@ -99,7 +107,7 @@ class CharTokenizer(Tokenizer):
     unknown = codes != self._codes[np.minimum(ids, len(self._codes) - 1)]
     if unknown.any():
       char = chr(codes[np.argmax(unknown)])
-      raise ValueError(
+      raise UnknownCharacter(char,
           f'character {char!r} (U+{ord(char):04X}) is not in the char tokenizer\'s alphabet of '
           f'{len(self.chars)} characters built from the training text; use tokenizer '
           "'byte' or 'bpe' for open-vocabulary text.")
