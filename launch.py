@@ -9,8 +9,10 @@
 # First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
 hostmem.keep_freed_memory()
+import contextlib
 import dis
 import os
+import shutil
 import sys
 import time
 
@@ -107,6 +109,34 @@ def raised_here(error: BaseException) -> bool:
   return ours and dis.opname[code.co_code[tb.tb_lasti]] == 'RAISE_VARARGS'
 
 
+def holds_results(workdir: str) -> bool:
+  """Whether `workdir` holds anything a run wrote: a metric, a checkpoint (even a partial one)
+  or any other file but an empty metrics.jsonl and TensorBoard's event files (no metric then)."""
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics) and os.path.getsize(metrics):
+    return True
+  for folder, _, files in os.walk(workdir):
+    ignored = {'metrics.jsonl'} if folder == workdir else set()
+    if folder != os.path.join(workdir, 'tensorboard') and set(files) - ignored:
+      return True
+  return False
+
+
+@contextlib.contextmanager
+def removed_if_failed_empty(workdir: str):
+  """A workdir this launch creates is removed again when the launch fails before writing a
+  checkpoint or a metric (a setting refused at start-up leaves no empty run folder behind).
+  One process only: the others of a multi-process run may still be writing to it."""
+  created = not os.path.exists(workdir)
+  try:
+    yield
+  except BaseException:
+    import jax  # pylint: disable=g-import-not-at-top
+    if created and jax.process_count() == 1 and not holds_results(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
 SAMPLE_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed')
 
 
@@ -147,7 +177,8 @@ def run(argv):
   workdir = FLAGS.workdir or default_workdir()
   try:
     if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, workdir)
+      with removed_if_failed_empty(workdir):
+        train.train_and_evaluate(FLAGS.config, workdir)
     elif FLAGS.mode == 'eval':
       train.evaluate(FLAGS.config, workdir)
     else:

@@ -446,6 +446,22 @@ def test_missing_experiment_file_is_reported(tmp_path):
   assert 'no_such_experiment.py' in result.stderr
 
 
+def test_a_launch_refused_at_start_up_leaves_no_new_workdir(tmp_path):
+  """A setting refused after the workdir was made (here a missing init_from run, found once the
+  writers are open) removed the folder this launch made; one that was there is left."""
+  args = ['--config=experiments/linear_regression.py:cpu',
+          f'--config.init_from={tmp_path / "nowhere"}']
+  new = tmp_path / 'new'
+  result = run_launch(*args, f'--workdir={new}')
+  assert result.returncode != 0 and 'nowhere/checkpoints does not exist' in result.stderr
+  assert not new.exists()
+  there = tmp_path / 'there'
+  there.mkdir()
+  result = run_launch(*args, f'--workdir={there}')
+  assert result.returncode != 0 and 'nowhere/checkpoints does not exist' in result.stderr
+  assert (there / 'metrics.jsonl').exists()  # written by the launch, left with its folder
+
+
 def test_tokenizer_mismatch_with_the_checkpoint_is_reported(tmp_path):
   config = cpu_config('gpt_small', **{'data.max_bytes': 100000, 'sample.max_new_tokens': 0,
                                       'max_eval_batches': 1})
