@@ -5,7 +5,10 @@ step), compiles the train step ahead of time, runs --warmup steps, then times --
 one by one (each waited for) on one real batch from the experiment's own pipeline, so the
 figures are the device's speed, not the input pipeline's. The last line printed is one JSON
 object: tokens_per_sec (language models) or examples_per_sec, step_ms (median), compile_s,
-mfu, peak_memory_bytes, params, batch_size, seq_len, vocab_size (GPTs), device_kind,
+mfu with its denominator peak_flops (all devices; peak_flops_estimated: true on CPUs, whose
+peak is estimated from the core count, research/metrics.py), peak_memory_bytes with
+peak_memory_from ('allocator': the device's measured peak; 'xla_estimate': XLA's analysis of
+the step's buffers, on CPUs), params, batch_size, seq_len, vocab_size (GPTs), device_kind,
 device_count, config.
 
 --compile_only compiles the step ahead of time for the configured devices and prints its
@@ -90,16 +93,17 @@ FLAGS = flags.FLAGS
 PROFILE_STEPS = 3
 
 
-def peak_memory_bytes(compiled_step) -> int | None:
-  """The device allocator's peak where it reports one (GPU, TPU), else XLA's own estimate."""
+def peak_memory_bytes(compiled_step) -> tuple[int | None, str]:
+  """(bytes, where from): the device allocator's peak where it reports one (GPU, TPU), else
+  XLA's own estimate of the step's buffers (CPUs)."""
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
-    return int(stats['peak_bytes_in_use'])
+    return int(stats['peak_bytes_in_use']), 'allocator'
   analysis = compiled_step.memory_analysis()
   if analysis is None:
-    return None
+    return None, 'none'
   return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes), 'xla_estimate'
 
 
 def compile_only(config, name: str = '') -> dict:
@@ -185,14 +189,18 @@ def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None
     result = {'examples_per_sec': config.batch_size / step_s}
     seq_len = config.data.seq_len if config.data.name == 'text' else None
     mfu = None
+    peak_flops, estimated = metrics_lib.total_peak_flops()
     if config.model.name == 'gpt':
       result['tokens_per_sec'] = result['examples_per_sec'] * seq_len
       per_token = transformer.gpt_flops_per_token(
           params, config.model.n_layer, config.model.n_embd, seq_len)
-      mfu = per_token * result['tokens_per_sec'] / metrics_lib.total_peak_flops()[0]
+      mfu = per_token * result['tokens_per_sec'] / peak_flops
+    memory, memory_from = peak_memory_bytes(timed.step)
     result.update(
         step_ms=1000 * step_s, compile_s=timed.compile_s, mfu=mfu,
-        peak_memory_bytes=peak_memory_bytes(timed.step), params=num_params,
+        peak_flops=peak_flops if mfu is not None else None,
+        peak_flops_estimated=estimated if mfu is not None else None,
+        peak_memory_bytes=memory, peak_memory_from=memory_from, params=num_params,
         batch_size=config.batch_size, seq_len=seq_len,
         vocab_size=config.model.vocab_size if config.model.name == 'gpt' else None,
         device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),

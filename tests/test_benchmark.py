@@ -26,6 +26,28 @@ def benchmark(*args):
                         capture_output=True, text=True, check=False, timeout=600)
 
 
+def test_the_last_line_is_the_issue_s_json_and_its_figures_agree():
+  """The figures a benchmark reports, checked against each other: tokens/s from the batch, the
+  context and the median step; MFU from the model's FLOPs per token and the stated peak."""
+  done = benchmark('--config.model.n_layer=1', '--steps=3', '--warmup=1')
+  assert done.returncode == 0, done.stderr[-3000:]
+  r = json.loads(done.stdout.strip().splitlines()[-1])
+  assert (r['config'], r['batch_size'], r['device_kind']) == (
+      'experiments/gpt_small.py:cpu', 32, 'cpu')
+  assert r['device_count'] >= 1 and r['compile_s'] > 0
+  assert r['tokens_per_sec'] == pytest.approx(32 * r['seq_len'] * 1000 / r['step_ms'])
+  assert r['examples_per_sec'] == pytest.approx(32 * 1000 / r['step_ms'])
+  # One layer of width 128 (12 * 128^2 + biases and norms), the final norm, and the token
+  # (the vocabulary padded to a multiple of 128) and position (block_size = seq_len) tables.
+  layer = 12 * 128 ** 2 + 13 * 128
+  padded = -(-r['vocab_size'] // 128) * 128
+  assert r['params'] == layer + 2 * 128 + 128 * (padded + r['seq_len'])
+  assert r['peak_flops_estimated'] is True and r['peak_flops'] > 0  # CPUs: from the core count
+  per_token = 6 * (r['params'] - 128 * r['seq_len']) + 12 * 128 * r['seq_len']
+  assert r['mfu'] == pytest.approx(per_token * r['tokens_per_sec'] / r['peak_flops'], rel=1e-6)
+  assert r['peak_memory_from'] == 'xla_estimate' and r['peak_memory_bytes'] > 4 * r['params']
+
+
 @needs_torch
 def test_against_torch_runs_both_with_the_same_overrides():
   # Overrides in all three spellings: =VALUE, a separate VALUE, and a bare boolean.
