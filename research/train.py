@@ -385,7 +385,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.log(f'{exp.flops_per_token / 1e6:.1f} MFLOPs per token (6N + 12 L C T); MFU against '
                f'{exp.peak_flops / 1e12:.3g} TFLOP/s'
                + (' (an estimate for this CPU)' if estimated else ''))
-  writer.log(f'{config.model.name}: {num_params:,} parameters; {jax.device_count()} devices '
+  count = jax.device_count()
+  writer.log(f'{config.model.name}: {num_params:,} parameters; {count} device{"s" * (count > 1)} '
              f'({jax.devices()[0].device_kind}), parallel.mode={config.parallel.mode}; '
              + (f'resuming from step {start}' if start else
                 'starting at step 0' if config.init_from else 'starting from scratch')
@@ -417,11 +418,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     for step in range(start, config.total_steps):
       batch = exp.compiled.put_batch(next(train_iter))
-      state, metrics = exp.compiled.train_step(state, batch, exp.rng)
+      try:
+        state, metrics = exp.compiled.train_step(state, batch, exp.rng)
+        if step == start:  # the one sync outside logging: report the compilation time
+          jax.block_until_ready(metrics)
+      except jax.errors.JaxRuntimeError as e:
+        _raise_if_out_of_memory(config, e)
+        raise
       window.append(exp.compiled.get_metrics(metrics))
       done = step + 1
-      if step == start:  # the one sync outside logging: report the compilation time
-        jax.block_until_ready(metrics)
+      if step == start:
         writer.log(f'first step (compilation included) took {clock.first_step_done(done):.1f}s')
         if is_main:  # once this config has compiled and run
           _write_run_files(exp, workdir)
@@ -465,6 +471,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     exp.ckpt.wait_until_finished()
     writer.close()
   return result
+
+
+def _raise_if_out_of_memory(config, error: Exception):
+  """XLA's RESOURCE_EXHAUSTED (a step whose buffers do not fit the device: its memory, or a
+  CPU's RAM) said with the settings that make a step smaller."""
+  if 'RESOURCE_EXHAUSTED' not in str(error):
+    return
+  micro = config.batch_size // config.grad_accum_steps
+  on_cpu = jax.devices()[0].platform == 'cpu'
+  raise RuntimeError(
+      f'The train step does not fit in {"RAM" if on_cpu else "device memory"} '
+      f'({str(error).splitlines()[0]}). `python -m research.benchmark --config=... '
+      '--compile_only` with the same overrides gives its memory per device without running '
+      f'it. To fit: smaller micro-batches (config.grad_accum_steps={config.grad_accum_steps} '
+      f'runs {micro} examples at a time; a multiple of it runs fewer), '
+      + ('rematerialisation (config.model.remat=dots or full), '
+         if 'remat' in config.model else '')
+      + 'more devices sharding the state (config.parallel.mesh.fsdp) or a smaller model'
+      + (" (on a CPU, the experiment's :cpu variant)." if on_cpu else '.')) from error
 
 
 def _report_tiny_model(writer, params, num_params):

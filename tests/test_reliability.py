@@ -462,6 +462,38 @@ def test_a_launch_refused_at_start_up_leaves_no_new_workdir(tmp_path):
   assert (there / 'metrics.jsonl').exists()  # written by the launch, left with its folder
 
 
+@pytest.mark.parametrize('message, remat', [
+    ('RESOURCE_EXHAUSTED: Out of memory allocating 178258784960 bytes.', False),  # XLA CPU
+    ('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB.', True)])
+def test_a_step_out_of_memory_names_the_settings_that_shrink_it(tmp_path, monkeypatch, message,
+                                                                remat):
+  """XLA's error (the CPU's seen with gpt_small under `ulimit -v`; a GPU's wording) in the
+  first step, as the error of a config; other runtime errors pass unchanged."""
+  setup = train.setup
+  def failing(error):
+    def setup_failing(config, workdir):
+      exp = setup(config, workdir)
+      def step(*args):
+        raise jax.errors.JaxRuntimeError(error)
+      exp.compiled = dataclasses.replace(exp.compiled, train_step=step)
+      return exp
+    return setup_failing
+  name, overrides = ('gpt_small', {'data.max_bytes': 100000}) if remat else (
+      'linear_regression', {})
+  config = cpu_config(name, batch_size=64, grad_accum_steps=4, **overrides)
+  monkeypatch.setattr(train, 'setup', failing(message))
+  with pytest.raises(RuntimeError) as raised:
+    train.train_and_evaluate(config, str(tmp_path / 'a'))
+  text = str(raised.value)
+  assert text.startswith(f'The train step does not fit in RAM ({message}).')
+  assert 'config.grad_accum_steps=4 runs 16 examples at a time' in text
+  assert ('config.model.remat=dots or full' in text) == remat
+  assert 'config.parallel.mesh.fsdp' in text and ":cpu variant" in text
+  monkeypatch.setattr(train, 'setup', failing('INTERNAL: something else'))
+  with pytest.raises(jax.errors.JaxRuntimeError, match='^INTERNAL: something else$'):
+    train.train_and_evaluate(config, str(tmp_path / 'b'))
+
+
 def test_tokenizer_mismatch_with_the_checkpoint_is_reported(tmp_path):
   config = cpu_config('gpt_small', **{'data.max_bytes': 100000, 'sample.max_new_tokens': 0,
                                       'max_eval_batches': 1})
