@@ -1,5 +1,6 @@
 """Tests for the GPT model: shapes, causality, KV cache, attention, scan, remat, GPT-2 parity."""
 import functools
+import types
 
 from flax import linen as nn
 import jax
@@ -83,10 +84,24 @@ def decode(model, params, chunks):
   return jnp.concatenate(outputs, axis=1)
 
 
+def gpu(platform_version, compute_capability):
+  """A stand-in for a GPU device, as `cudnn_flash_attention` reads one."""
+  return types.SimpleNamespace(client=types.SimpleNamespace(platform_version=platform_version),
+                               compute_capability=compute_capability)
+
+
 def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch):
   q16 = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
   assert transformer.attention_for(q16, jnp.ones((1, 1, 8, 8), bool)) == 'xla'  # decoding
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  h100 = gpu('PJRT C API\ncuda 12080', '9.0')
+  monkeypatch.setattr(jax, 'devices', lambda: [h100])
+  assert transformer.attention_for(q16, None) == 'cudnn'
+  for other in (gpu('PJRT C API\ncuda 12080', '7.0'),  # a V100: cuDNN's flash needs Ampere
+                gpu('PJRT C API\nrocm 60342', 'gfx90a')):  # ROCm also says 'gpu'
+    monkeypatch.setattr(jax, 'devices', lambda device=other: [device])
+    assert transformer.attention_for(q16, None) == 'xla'
+  monkeypatch.setattr(jax, 'devices', lambda: [gpu('cuda 12080', '8.0')])  # an A100
   assert transformer.attention_for(q16, None) == 'cudnn'
   assert transformer.attention_for(q16.astype(jnp.float32), None) == 'xla'  # cuDNN wants 16-bit
   assert transformer.attention_for(q16, jnp.ones((1, 1, 8, 8), bool)) == 'xla'  # cache mask

@@ -35,8 +35,9 @@ QUERY_CHUNK = 64  # rows of queries per block of 'chunked' attention
 
 
 def attention_for(q, mask) -> str:
-  """What 'auto' runs: cuDNN's fused flash attention where it applies (a GPU, 16-bit inputs,
-  plain causal attention, head_dim a multiple of 8 up to 128); 'chunked' on CPUs; else XLA's.
+  """What 'auto' runs: cuDNN's fused flash attention where it applies (an NVIDIA GPU from
+  Ampere on, 16-bit inputs, plain causal attention, head_dim a multiple of 8 up to 128);
+  'chunked' on CPUs; else XLA's.
 
   `jax.nn.dot_product_attention` with no implementation named runs XLA's version even on GPUs,
   which measured half the speed of cuDNN's for GPT-2 small on an H200, and on a 2-core CPU a
@@ -45,10 +46,22 @@ def attention_for(q, mask) -> str:
   if mask is not None:
     return 'xla'
   backend = jax.default_backend()
-  if (backend == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16)
-      and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128):
+  if (backend == 'gpu' and cudnn_flash_attention(jax.devices()[0])
+      and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+      and q.shape[-1] <= 128):
     return 'cudnn'
   return 'chunked' if backend == 'cpu' else 'xla'
+
+
+def cudnn_flash_attention(device) -> bool:
+  """Whether cuDNN's flash attention runs on `device`: an NVIDIA GPU (not ROCm's, also
+  platform 'gpu') from Ampere on (compute capability 8.0; JAX itself does not check)."""
+  if 'cuda' not in str(getattr(device.client, 'platform_version', '')).lower():
+    return False
+  try:
+    return tuple(int(x) for x in device.compute_capability.split('.')) >= (8, 0)
+  except (AttributeError, ValueError):
+    return False
 
 
 def gpt_config(size: str, **overrides) -> dict:
