@@ -47,9 +47,17 @@ FLAGS = flags.FLAGS
 
 
 def default_workdir() -> str:
+  """runs/NAME-TIME, the time process 0's (several processes must share one workdir)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   path, _, arg = flags.FLAGS['config'].config_filename.partition(':')
   name = os.path.splitext(os.path.basename(path))[0] + (f'_{arg}' if arg else '')
-  return os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  if jax.process_count() > 1:
+    stamp = bytes(np.asarray(multihost_utils.broadcast_one_to_all(
+        np.frombuffer(stamp.encode(), np.uint8)))).decode()
+  return os.path.join('runs', f'{name}-{stamp}')
 
 
 def sample(workdir: str):
@@ -62,10 +70,13 @@ def sample(workdir: str):
     if FLAGS[name].value is not None:
       settings[name] = FLAGS[name].value
   tokenizer.encode(settings.prompt)  # a prompt it cannot encode: its error before the prompt
-  print(settings.prompt, end='', flush=True)
+  # Every process of a multi-process run generates (the same program, the same callback);
+  # process 0 prints.
+  show = print if jax.process_index() == 0 else lambda *args, **kwargs: None
+  show(settings.prompt, end='', flush=True)
   sample_lib.sample_text(model, params, tokenizer, settings, jax.random.key(FLAGS.seed),
-                         stream=lambda piece: print(piece, end='', flush=True))
-  print()
+                         stream=lambda piece: show(piece, end='', flush=True))
+  show()
 
 
 def initialize_distributed():
@@ -190,7 +201,7 @@ def run(argv):
     os._exit(130)  # pylint: disable=protected-access  (XLA's teardown can crash mid-compile)
   except DataError as e:  # the message says what to do; a traceback would only hide it
     sys.exit(f'DataError: {e}')
-  except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     if not raised_here(e):  # from a library: its traceback is the way to the cause
       raise
     sys.exit(f'{type(e).__name__}: {e}')  # our checks name what to change

@@ -260,7 +260,11 @@ def load_params(workdir: str):
 
 
 def check_workdir(workdir: str, state_bytes: int, keep: int):
-  """Fails early when the workdir cannot be written or has no room for the checkpoints."""
+  """Fails early when the workdir cannot be written, has no room for the checkpoints, or (several
+  processes) is not one folder that all of them share."""
+  if '://' in workdir:  # os.path would make gs://bucket/run a local folder named 'gs:'
+    raise ValueError(f'--workdir={workdir}: the workdir is written through the local file '
+                     'system; mount the bucket (e.g. with gcsfuse) and pass the mounted path.')
   try:
     os.makedirs(workdir, exist_ok=True)
     # One probe per process: the processes of a multi-host run share the workdir.
@@ -271,12 +275,41 @@ def check_workdir(workdir: str, state_bytes: int, keep: int):
   except OSError as e:
     raise OSError(f'The workdir {workdir} is not writable ({e}); choose another --workdir.'
                   ) from None
+  if jax.process_count() > 1:
+    check_shared(workdir)
   free = shutil.disk_usage(workdir).free
   needed = state_bytes * (keep + 1)
   if free < needed:
     raise OSError(f'The workdir {workdir} has {free / 2**20:.0f} MiB free but {keep} + 1 '
                   f'checkpoints of {state_bytes / 2**20:.0f} MiB need {needed / 2**20:.0f} MiB; '
                   'free some space, choose another --workdir, or lower config.keep_checkpoints.')
+
+
+def check_shared(workdir: str, wait_s: float = 10.0):
+  """All processes (each calls this) see the folder process 0 writes to as `workdir`: Orbax
+  writes one checkpoint from all of them and every process reads the run's files. A folder on
+  each host's own disk, or default workdirs named from each host's clock, make Orbax wait 10
+  minutes and fail; said here at once, by every process."""
+  token = int(multihost_utils.broadcast_one_to_all(
+      np.int32(int.from_bytes(os.urandom(4), 'little') >> 2)))
+  marker = os.path.join(workdir, f'.shared_check.{token}')
+  if jax.process_index() == 0:
+    with open(marker, 'w', encoding='utf-8') as f:
+      f.write('process 0')
+  multihost_utils.sync_global_devices('check_shared: marker written')
+  deadline = time.monotonic() + wait_s  # a network file system may show it late
+  while not (seen := os.path.exists(marker)) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  seen_by = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+  if jax.process_index() == 0:
+    os.remove(marker)
+  blind = [i for i, s in enumerate(seen_by) if not s]
+  if blind:
+    raise OSError(
+        f'The workdir {workdir} is not one folder shared by the {len(seen_by)} processes: '
+        f'process(es) {blind} do not see the file process 0 wrote there. Several processes need '
+        'a --workdir on a file system all hosts share (NFS, a mounted bucket), given as the '
+        'same path to every process.')
 
 
 class Preemption:

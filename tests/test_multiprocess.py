@@ -25,16 +25,19 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(*args, count=2, devices=4):
-  """Starts launch.py in `count` processes; stderr goes to files (a full pipe could block)."""
+def start_processes(*args, count=2, devices=4, own_args=None, own_env=None, cwd=ROOT):
+  """Starts launch.py in `count` processes (`own_args[i]`, `own_env[i]`: process i's extra
+  arguments and environment); stderr goes to files (a full pipe could block)."""
   port, procs = free_port(), []
   for i in range(count):
-    command, env = launch_command(*args, f'--coordinator_address=127.0.0.1:{port}',
+    command, env = launch_command(*args, *(own_args[i] if own_args else ()),
+                                  f'--coordinator_address=127.0.0.1:{port}',
                                   f'--num_processes={count}', f'--process_id={i}',
                                   mock_tfds=True)
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env.update(own_env[i] if own_env else {})
     errors = tempfile.TemporaryFile(mode='w+')
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors,
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors,
                             text=True)
     proc.stderr_file = errors
     procs.append(proc)
@@ -149,3 +152,63 @@ def test_a_process_whose_peers_never_join_says_what_it_waits_for(tmp_path):
   assert result.stderr.startswith('Joining 2 processes through 127.0.0.1:'), result.stderr[:2000]
   assert 'as process 1; waiting up to 3 s for all of them (--distributed_timeout)' in (
       result.stderr)
+
+
+def test_a_gpt_sharded_over_two_processes_trains_and_samples_as_one_process(tmp_path):
+  """FSDP over the 8 devices of two processes: the same losses and evaluation as one process
+  with 8 devices; --mode=sample generates on both and prints from process 0 only."""
+  gpt = ['--config=experiments/gpt_small.py:cpu', '--config.model.n_layer=1',
+         '--config.data.max_bytes=200000', '--config.total_steps=4', '--config.log_every_steps=1',
+         '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4',
+         '--config.max_eval_batches=2', '--config.sample.max_new_tokens=0',
+         '--config.parallel.mesh.data=1', '--config.parallel.mesh.fsdp=8']
+  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+  wait_all(start_processes(*gpt, f'--workdir={two}'))
+  eight = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  single = run_launch(*gpt, f'--workdir={one}', env=eight)
+  assert single.returncode == 0, single.stderr[-2000:]
+  records = lambda w: [(r['step'], r['split'], r['loss']) for r in read_metrics(w)]
+  assert len(records(two)) == 5  # 4 steps and the evaluation
+  np.testing.assert_allclose([r[2] for r in records(two)], [r[2] for r in records(one)],
+                             rtol=1e-5)
+  assert [r[:2] for r in records(two)] == [r[:2] for r in records(one)]
+  sample = ['--mode=sample', '--prompt=def ', '--max_new_tokens=24', '--temperature=0']
+  outs = wait_all(start_processes(*sample, f'--workdir={two}'))
+  alone = run_launch(*sample, f'--workdir={one}', env=eight)
+  assert alone.returncode == 0, alone.stderr[-2000:]
+  ours = lambda out: ''.join(l for l in out.splitlines(True) if not l.startswith('[Gloo]'))
+  assert ours(outs[0]) == alone.stdout and len(alone.stdout) > len('def ') + 1
+  assert ours(outs[1]) == ''
+
+
+def test_processes_that_do_not_share_the_workdir_are_told_at_once(tmp_path):
+  """Each process its own folder (as each host's own disk would be): Orbax waited 10 minutes
+  for the others' files, then failed on one process and left the other hanging."""
+  procs = start_processes(*ARGS, own_args=[[f'--workdir={tmp_path / "a"}'],
+                                           [f'--workdir={tmp_path / "b"}']])
+  for p in procs:
+    try:
+      p.communicate(timeout=120)
+    finally:
+      for q in procs:
+        if q.poll() is None and p.returncode is None:  # timed out: none left behind
+          q.kill()
+    p.stderr_file.seek(0)
+    errors = p.stderr_file.read()
+    assert p.returncode != 0
+    assert 'is not one folder shared by the 2 processes: process(es) [1] do not see' in errors, (
+        errors[-2000:])
+    assert 'Traceback' not in errors
+
+
+def test_processes_without_a_workdir_share_process_0_s_default(tmp_path):
+  """The default runs/NAME-TIME was each host's own clock: processes launched in different
+  seconds (here: in different time zones) wrote to different folders and Orbax hung."""
+  for name in ('launch.py', 'research', 'experiments'):  # runs/ is made here, not in the repo
+    os.symlink(os.path.join(ROOT, name), tmp_path / name)
+  outs = wait_all(start_processes(*ARGS, '--config.total_steps=2', cwd=tmp_path,
+                                  own_env=[{'TZ': 'UTC'}, {'TZ': 'Asia/Tokyo'}]))
+  assert 'eval at step 2' in outs[0]
+  (run,) = os.listdir(tmp_path / 'runs')
+  assert run.startswith('mnist_mlp_cpu-')
+  assert len(train_losses(tmp_path / 'runs' / run)) == 2

@@ -523,6 +523,13 @@ def test_evaluate_with_another_tokenizer_than_the_checkpoint_is_reported(tmp_pat
     train.evaluate(config, workdir)
 
 
+def test_a_bucket_workdir_is_refused_not_made_a_local_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r'--workdir=gs://bucket/run: .* mount the bucket'):
+    checkpoint.check_workdir('gs://bucket/run', state_bytes=1, keep=1)
+  assert not os.listdir(tmp_path)  # os.makedirs made ./gs:/bucket/run
+
+
 def _check_workdir_repeatedly(workdir, times):
   for _ in range(times):
     checkpoint.check_workdir(workdir, state_bytes=1, keep=1)
