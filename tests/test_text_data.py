@@ -222,6 +222,13 @@ def test_unprepared_tfds_dataset_is_prepared_when_download_is_allowed(tmp_path, 
   monkeypatch.setattr(image, '_network_reachable', lambda *args, **kwargs: True)
   with pytest.raises(image.DataError, match='config.data.download is False'):
     text.load_text('tfds:research_test_text', data_dir=str(tmp_path), download=False)
+  # Several processes would each download and write it: refused, before any network use.
+  monkeypatch.setattr(image.jax, 'process_count', lambda: 2)
+  with pytest.raises(image.DataError, match='a run of 2 processes does not download it: '
+                                            'prepare it before the run'):
+    text.load_text('tfds:research_test_text', data_dir=str(tmp_path), download=True)
+  assert not builder_class(data_dir=str(tmp_path)).is_prepared()
+  monkeypatch.setattr(image.jax, 'process_count', lambda: 1)
   splits = text.load_text('tfds:research_test_text', data_dir=str(tmp_path), download=True)
   assert builder_class(data_dir=str(tmp_path)).is_prepared()
   assert sorted(splits['validation']) == [f'document {i} h\xe9llo' for i in (100, 101, 102)]

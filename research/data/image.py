@@ -175,6 +175,10 @@ def prepare_tfds(name: str, data_dir: str | None, download: bool, cause: Excepti
   if not download:
     raise DataError(f'TFDS dataset {name!r} is not prepared in {where} and '
                     f'config.data.download is False. {how}')
+  if jax.process_count() > 1:  # each would download and write it, at once if the folder is shared
+    raise DataError(f'TFDS dataset {name!r} is not prepared in {where}, and a run of '
+                    f'{jax.process_count()} processes does not download it: prepare it before '
+                    f'the run (a data_dir all hosts share, or each host\'s). {how}')
   if not _network_reachable():
     raise DataError(f'TFDS dataset {name!r} is not prepared in {where} and cannot be '
                     f'downloaded: no network. {how}')
