@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -411,3 +412,23 @@ def test_batch_not_divisible_by_devices_x_accumulation_x_cpu_batch_parts_is_refu
   with pytest.raises(ValueError, match=r'config\.batch_size=16 must be divisible by .*'
                                        r'cpu_batch_parts = 8 x 2 x 2'):
     train.setup(config, str(tmp_path))
+
+
+def test_tpu_meshes_follow_the_chips_links_and_others_the_device_order(monkeypatch):
+  """TPU chips of one slice are laid out by mesh_utils (their links); CPUs and GPUs, several
+  slices, or a shape mesh_utils refuses keep jax.devices()' order."""
+  chip = lambda i, slice_index=0, platform='tpu': types.SimpleNamespace(
+      id=i, platform=platform, slice_index=slice_index)
+  linked = lambda shape, devs, **kwargs: np.asarray(devs)[[0, 1, 3, 2]].reshape(shape)
+  monkeypatch.setattr(parallel.mesh_utils, 'create_device_mesh', linked)
+  ids = lambda grid: [d.id for d in grid.flat]
+  assert ids(parallel.device_grid([chip(i) for i in range(4)], (2, 1, 2))) == [0, 1, 3, 2]
+  assert ids(parallel.device_grid([chip(i, i // 2) for i in range(4)], (2, 1, 2))) == [0, 1, 2, 3]
+  assert ids(parallel.device_grid([chip(i, platform='gpu') for i in range(4)], (4, 1, 1))) == [
+      0, 1, 2, 3]
+  def refuses(shape, devs, **kwargs):
+    raise ValueError('cannot map')
+  monkeypatch.setattr(parallel.mesh_utils, 'create_device_mesh', refuses)
+  assert ids(parallel.device_grid([chip(i) for i in range(4)], (1, 2, 2))) == [0, 1, 2, 3]
+  # The CPU devices here: jax.devices() order, as before.
+  assert list(parallel.make_mesh(cpu_config('mnist_mlp').parallel).devices.flat) == jax.devices()
