@@ -69,7 +69,10 @@ def sample(workdir: str):
   for name in ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p'):
     if FLAGS[name].value is not None:
       settings[name] = FLAGS[name].value
-  tokenizer.encode(settings.prompt)  # a prompt it cannot encode: its error before the prompt
+  try:  # a prompt it cannot encode: said before the prompt is printed
+    tokenizer.encode(settings.prompt)
+  except ValueError as e:
+    raise app.UsageError(f'the prompt {settings.prompt!r}: {e}') from None
   # Every process of a multi-process run generates (the same program, the same callback);
   # process 0 prints.
   show = print if jax.process_index() == 0 else lambda *args, **kwargs: None

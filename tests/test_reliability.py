@@ -709,8 +709,14 @@ def test_a_sample_prompt_the_tokenizer_cannot_encode_fails_before_training(tmp_p
       'model.n_layer': 1, 'model.n_embd': 32, 'model.n_head': 2})
   assert config.sample.prompt.startswith('ROMEO')
   with pytest.raises(ValueError, match=r"config.sample.prompt='ROMEO.*character 'R'.*"
-                                       r'config.sample.max_new_tokens=0'):
+                                       r'config.sample.max_new_tokens=0') as raised:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert "'bpe'" not in str(raised.value)  # the way out is the prompt, not another tokenizer
   assert not os.path.exists(tmp_path / 'run' / 'metrics.jsonl')  # before any training
   config.sample.max_new_tokens = 0
   assert train.train_and_evaluate(config, str(tmp_path / 'run'))['loss'] > 0
+  # Sampling the trained run: its tokenizer is fixed; the prompt is named, in one line.
+  sampled = run_launch(f'--workdir={tmp_path / "run"}', '--mode=sample', '--prompt=ROMEO:')
+  assert sampled.returncode != 0 and 'Traceback' not in sampled.stderr
+  assert ("Usage error: the prompt 'ROMEO:': character 'R' (U+0052) is not in the char "
+          "tokenizer's alphabet") in sampled.stderr and "'bpe'" not in sampled.stderr

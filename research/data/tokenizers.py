@@ -109,8 +109,7 @@ class CharTokenizer(Tokenizer):
       char = chr(codes[np.argmax(unknown)])
       raise UnknownCharacter(char,
           f'character {char!r} (U+{ord(char):04X}) is not in the char tokenizer\'s alphabet of '
-          f'{len(self.chars)} characters built from the training text; use tokenizer '
-          "'byte' or 'bpe' for open-vocabulary text.")
+          f'{len(self.chars)} characters built from the training text.')
     return ids
 
   def _decode(self, ids):
