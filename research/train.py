@@ -423,7 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step == start:  # the one sync outside logging: report the compilation time
           jax.block_until_ready(metrics)
       except jax.errors.JaxRuntimeError as e:
-        _raise_if_out_of_memory(config, e)
+        if step == start:  # where a step too big for the memory fails
+          _raise_if_out_of_memory(config, e)
         raise
       window.append(exp.compiled.get_metrics(metrics))
       done = step + 1
@@ -476,20 +477,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _raise_if_out_of_memory(config, error: Exception):
   """XLA's RESOURCE_EXHAUSTED (a step whose buffers do not fit the device: its memory, or a
   CPU's RAM) said with the settings that make a step smaller."""
-  if 'RESOURCE_EXHAUSTED' not in str(error):
+  first = str(error).splitlines()[0]
+  if 'RESOURCE_EXHAUSTED' not in first or 'memory' not in first.lower():
     return
   micro = config.batch_size // config.grad_accum_steps
   on_cpu = jax.devices()[0].platform == 'cpu'
   raise RuntimeError(
       f'The train step does not fit in {"RAM" if on_cpu else "device memory"} '
-      f'({str(error).splitlines()[0]}). `python -m research.benchmark --config=... '
+      f'({first}). `python -m research.benchmark --config=... '
       '--compile_only` with the same overrides gives its memory per device without running '
       f'it. To fit: smaller micro-batches (config.grad_accum_steps={config.grad_accum_steps} '
       f'runs {micro} examples at a time; a multiple of it runs fewer), '
       + ('rematerialisation (config.model.remat=dots or full), '
          if 'remat' in config.model else '')
       + 'more devices sharding the state (config.parallel.mesh.fsdp) or a smaller model'
-      + (" (on a CPU, the experiment's :cpu variant)." if on_cpu else '.')) from error
+      + (" (on a CPU, the experiment's :cpu variant)." if on_cpu else '.')
+      + (f'\nXLA said:\n{error}' if '\n' in str(error).strip() else '')) from error
 
 
 def _report_tiny_model(writer, params, num_params):

@@ -6,6 +6,7 @@ When to interrupt is chosen by step count (the progress line of step 20), never 
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -462,19 +463,36 @@ def test_a_launch_refused_at_start_up_leaves_no_new_workdir(tmp_path):
   assert (there / 'metrics.jsonl').exists()  # written by the launch, left with its folder
 
 
-@pytest.mark.parametrize('message, remat', [
-    ('RESOURCE_EXHAUSTED: Out of memory allocating 178258784960 bytes.', False),  # XLA CPU
-    ('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB.', True)])
-def test_a_step_out_of_memory_names_the_settings_that_shrink_it(tmp_path, monkeypatch, message,
-                                                                remat):
-  """XLA's error (the CPU's seen with gpt_small under `ulimit -v`; a GPU's wording) in the
-  first step, as the error of a config; other runtime errors pass unchanged."""
+class _FailsWhenWaitedFor:
+  """Step outputs whose error shows when they are waited for (asynchronous dispatch, GPUs)."""
+
+  def __init__(self, error):
+    self.error = error
+
+  def block_until_ready(self):
+    raise jax.errors.JaxRuntimeError(self.error)
+
+
+@pytest.mark.parametrize('message, remat, when', [
+    ('RESOURCE_EXHAUSTED: Out of memory allocating 178258784960 bytes.', False, 'call'),  # CPU
+    ('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB.', True, 'wait')])
+def test_a_first_step_out_of_memory_names_the_settings_that_shrink_it(
+    tmp_path, monkeypatch, message, remat, when):
+  """XLA's error (the CPU's seen with gpt_small under `ulimit -v`; a GPU's wording, raised when
+  the step is waited for) in the first step, as the error of a config. Other runtime errors,
+  and one in a later step (the step fitted), pass unchanged."""
   setup = train.setup
-  def failing(error):
+  def failing(error, at_step=0):
     def setup_failing(config, workdir):
       exp = setup(config, workdir)
-      def step(*args):
-        raise jax.errors.JaxRuntimeError(error)
+      real, calls = exp.compiled.train_step, []
+      def step(state, batch, rng):
+        calls.append(1)
+        if len(calls) <= at_step:
+          return real(state, batch, rng)
+        if when == 'call' or at_step:  # later steps are not waited for: raised at once
+          raise jax.errors.JaxRuntimeError(error)
+        return state, {'loss': _FailsWhenWaitedFor(error)}
       exp.compiled = dataclasses.replace(exp.compiled, train_step=step)
       return exp
     return setup_failing
@@ -489,9 +507,11 @@ def test_a_step_out_of_memory_names_the_settings_that_shrink_it(tmp_path, monkey
   assert 'config.grad_accum_steps=4 runs 16 examples at a time' in text
   assert ('config.model.remat=dots or full' in text) == remat
   assert 'config.parallel.mesh.fsdp' in text and ":cpu variant" in text
-  monkeypatch.setattr(train, 'setup', failing('INTERNAL: something else'))
-  with pytest.raises(jax.errors.JaxRuntimeError, match='^INTERNAL: something else$'):
-    train.train_and_evaluate(config, str(tmp_path / 'b'))
+  for error, at_step in (('INTERNAL: something else', 0),
+                         ('RESOURCE_EXHAUSTED: too many open streams', 0), (message, 1)):
+    monkeypatch.setattr(train, 'setup', failing(error, at_step))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=f'^{re.escape(error)}$'):
+      train.train_and_evaluate(config, str(tmp_path / f'b{at_step}{len(error)}'))
 
 
 def test_tokenizer_mismatch_with_the_checkpoint_is_reported(tmp_path):

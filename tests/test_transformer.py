@@ -98,7 +98,7 @@ def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch):
   monkeypatch.setattr(jax, 'devices', lambda: [h100])
   assert transformer.attention_for(q16, None) == 'cudnn'
   for other in (gpu('PJRT C API\ncuda 12080', '7.0'),  # a V100: cuDNN's flash needs Ampere
-                gpu('PJRT C API\nrocm 60342', 'gfx90a')):  # ROCm also says 'gpu'
+                gpu('PJRT C API\nrocm 60342', '9.0')):  # ROCm also says 'gpu'
     monkeypatch.setattr(jax, 'devices', lambda device=other: [device])
     assert transformer.attention_for(q16, None) == 'xla'
   monkeypatch.setattr(jax, 'devices', lambda: [gpu('cuda 12080', '8.0')])  # an A100
