@@ -265,6 +265,7 @@ def check_workdir(workdir: str, state_bytes: int, keep: int):
   if '://' in workdir:  # os.path would make gs://bucket/run a local folder named 'gs:'
     raise ValueError(f'--workdir={workdir}: the workdir is written through the local file '
                      'system; mount the bucket (e.g. with gcsfuse) and pass the mounted path.')
+  error = None
   try:
     os.makedirs(workdir, exist_ok=True)
     # One probe per process: the processes of a multi-host run share the workdir.
@@ -273,8 +274,14 @@ def check_workdir(workdir: str, state_bytes: int, keep: int):
       f.write('ok')
     os.remove(probe)
   except OSError as e:
-    raise OSError(f'The workdir {workdir} is not writable ({e}); choose another --workdir.'
-                  ) from None
+    error = f'The workdir {workdir} is not writable ({e}); choose another --workdir.'
+  if jax.process_count() > 1:  # all processes fail together (one alone left the others waiting)
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if failed.any() and error is None:
+      error = (f'The workdir {workdir} is not writable by process(es) '
+               f'{np.flatnonzero(failed.reshape(-1)).tolist()} (their own message says why).')
+  if error:
+    raise OSError(error)
   if jax.process_count() > 1:
     check_shared(workdir)
   free = shutil.disk_usage(workdir).free
@@ -296,13 +303,15 @@ def check_shared(workdir: str, wait_s: float = 10.0):
   if jax.process_index() == 0:
     with open(marker, 'w', encoding='utf-8') as f:
       f.write('process 0')
-  multihost_utils.sync_global_devices('check_shared: marker written')
-  deadline = time.monotonic() + wait_s  # a network file system may show it late
-  while not (seen := os.path.exists(marker)) and time.monotonic() < deadline:
-    time.sleep(0.5)
-  seen_by = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
-  if jax.process_index() == 0:
-    os.remove(marker)
+  try:
+    multihost_utils.sync_global_devices('check_shared: marker written')
+    deadline = time.monotonic() + wait_s  # a network file system may show it late
+    while not (seen := os.path.exists(marker)) and time.monotonic() < deadline:
+      time.sleep(0.5)
+    seen_by = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+  finally:
+    if jax.process_index() == 0:
+      os.remove(marker)
   blind = [i for i, s in enumerate(seen_by) if not s]
   if blind:
     raise OSError(

@@ -201,6 +201,26 @@ def test_processes_that_do_not_share_the_workdir_are_told_at_once(tmp_path):
     assert 'Traceback' not in errors
 
 
+def test_a_workdir_one_process_cannot_write_stops_all_of_them(tmp_path):
+  """Process 1's workdir unwritable: it said so and exited, and process 0 waited in the next
+  collective, then failed with a Gloo timeout that named no workdir."""
+  procs = start_processes(*ARGS, own_args=[[f'--workdir={tmp_path / "a"}'],
+                                           ['--workdir=/proc/no_such_dir/run']])
+  errors = []
+  for p in procs:
+    try:
+      p.communicate(timeout=120)
+    finally:
+      for q in procs:
+        if q.poll() is None and p.returncode is None:  # timed out: none left behind
+          q.kill()
+    p.stderr_file.seek(0)
+    errors.append(p.stderr_file.read())
+    assert p.returncode != 0 and 'Traceback' not in errors[-1], errors[-1][-2000:]
+  assert f'The workdir {tmp_path / "a"} is not writable by process(es) [1]' in errors[0]
+  assert 'The workdir /proc/no_such_dir/run is not writable' in errors[1]
+
+
 def test_processes_without_a_workdir_share_process_0_s_default(tmp_path):
   """The default runs/NAME-TIME was each host's own clock: processes launched in different
   seconds (here: in different time zones) wrote to different folders and Orbax hung."""
