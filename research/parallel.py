@@ -86,14 +86,17 @@ def make_mesh(parallel_config) -> Mesh:
 
 
 def device_grid(devs: list, shape: tuple[int, ...]) -> np.ndarray:
-  """The devices laid out as the mesh (data, fsdp, tensor: the most talkative axis last). TPU
-  chips of one slice by their links (`mesh_utils.create_device_mesh`: each axis' collectives
-  along rings of neighbouring chips; JAX's docs give v3's 8 chips as 0 1 2 3 6 7 4 5); other
-  devices, several slices, or a shape the links cannot take, in jax.devices() order (process by
-  process). Any order is correct: `check_process_rows` and `put_batch` follow the mesh."""
-  if devs[0].platform == 'tpu' and len({getattr(d, 'slice_index', 0) for d in devs}) == 1:
-    try:
-      return mesh_utils.create_device_mesh(shape, devs, allow_split_physical_axes=True)
+  """The devices laid out as the mesh (data, fsdp, tensor: the most talkative axis last). The
+  TPU chips of one host by their links (`mesh_utils.create_device_mesh`, as `jax.make_mesh`
+  calls it: each axis' collectives along rings of neighbouring chips; JAX's docs give v3's 8
+  chips as 0 1 2 3 6 7 4 5); other devices, several processes (a layout by links can give a
+  tensor group chips of two hosts, which `check_process_rows` refuses; not tried on a pod), or a
+  shape the links cannot take, in jax.devices() order (process by process)."""
+  if devs[0].platform == 'tpu' and len({d.process_index for d in devs}) == 1:
+    try:  # jax.make_mesh splits physical axes on v5e only
+      return mesh_utils.create_device_mesh(
+          shape, devs, allow_split_physical_axes=devs[0].device_kind in ('TPU v5 lite',
+                                                                         'TPU v5e'))
     except (ValueError, NotImplementedError, AssertionError):
       pass
   return np.asarray(devs).reshape(shape)

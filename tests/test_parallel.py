@@ -415,14 +415,18 @@ def test_batch_not_divisible_by_devices_x_accumulation_x_cpu_batch_parts_is_refu
 
 
 def test_tpu_meshes_follow_the_chips_links_and_others_the_device_order(monkeypatch):
-  """TPU chips of one slice are laid out by mesh_utils (their links); CPUs and GPUs, several
-  slices, or a shape mesh_utils refuses keep jax.devices()' order."""
-  chip = lambda i, slice_index=0, platform='tpu': types.SimpleNamespace(
-      id=i, platform=platform, slice_index=slice_index)
-  linked = lambda shape, devs, **kwargs: np.asarray(devs)[[0, 1, 3, 2]].reshape(shape)
+  """The TPU chips of one process are laid out by mesh_utils (their links); CPUs and GPUs,
+  several processes, or a shape mesh_utils refuses keep jax.devices()' order."""
+  chip = lambda i, process=0, platform='tpu': types.SimpleNamespace(
+      id=i, platform=platform, process_index=process, device_kind='TPU v4')
+  split = []
+  def linked(shape, devs, allow_split_physical_axes):
+    split.append(allow_split_physical_axes)
+    return np.asarray(devs)[[0, 1, 3, 2]].reshape(shape)
   monkeypatch.setattr(parallel.mesh_utils, 'create_device_mesh', linked)
   ids = lambda grid: [d.id for d in grid.flat]
   assert ids(parallel.device_grid([chip(i) for i in range(4)], (2, 1, 2))) == [0, 1, 3, 2]
+  assert split == [False]  # as jax.make_mesh, except on v5e
   assert ids(parallel.device_grid([chip(i, i // 2) for i in range(4)], (2, 1, 2))) == [0, 1, 2, 3]
   assert ids(parallel.device_grid([chip(i, platform='gpu') for i in range(4)], (4, 1, 1))) == [
       0, 1, 2, 3]
