@@ -8,7 +8,7 @@ object: tokens_per_sec (language models) or examples_per_sec, step_ms (median), 
 mfu with its denominator peak_flops (all devices; peak_flops_estimated: true on CPUs, whose
 peak is estimated from the core count, research/metrics.py), peak_memory_bytes with
 peak_memory_from ('allocator': the device's measured peak; 'xla_estimate': XLA's analysis of
-the step's buffers, on CPUs), params, batch_size, seq_len, vocab_size (GPTs), device_kind,
+the step's buffers, on CPUs; 'none' where neither is given), params, batch_size, seq_len, vocab_size (GPTs), device_kind,
 device_count, config.
 
 --compile_only compiles the step ahead of time for the configured devices and prints its

@@ -26,7 +26,8 @@ GOLDEN = {
 
 
 def words(path):
-  """20,000 words of a ten-word vocabulary, drawn by numpy's PCG64 (stable across versions)."""
+  """20,000 words of a ten-word vocabulary drawn by numpy (`Generator.choice` may draw others in
+  another numpy version: numpy is pinned in requirements.txt)."""
   vocabulary = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'and', 'dog', 'ran', 'far']
   path.write_text(' '.join(np.random.default_rng(0).choice(vocabulary, 20000)))
   return str(path)
