@@ -52,6 +52,23 @@ def wait_all(procs):
   return outs
 
 
+def all_fail(procs, timeout=120) -> list[str]:
+  """Waits for processes that must all fail, each in one line of ours (no traceback); kills
+  them all if one outlives `timeout` (a hang); returns their stderr."""
+  errors = []
+  for p in procs:
+    try:
+      p.communicate(timeout=timeout)
+    finally:
+      if p.returncode is None:
+        for q in procs:
+          q.kill()
+    p.stderr_file.seek(0)
+    errors.append(p.stderr_file.read())
+    assert p.returncode != 0 and 'Traceback' not in errors[-1], errors[-1][-2000:]
+  return errors
+
+
 def train_losses(workdir):
   return np.array([r['loss'] for r in read_metrics(workdir) if r['split'] == 'train'])
 
@@ -113,13 +130,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
 def test_a_mesh_that_splits_no_rows_over_processes_is_refused(tmp_path):
   # data=1: every device would hold the whole batch, but each process loads only its half.
-  procs = start_processes(*ARGS, '--config.parallel.mesh.data=1',
-                          '--config.parallel.mesh.tensor=-1', f'--workdir={tmp_path / "run"}')
-  for p in procs:
-    p.communicate(timeout=300)
-    p.stderr_file.seek(0)
-    errors = p.stderr_file.read()
-    assert p.returncode != 0
+  for errors in all_fail(start_processes(*ARGS, '--config.parallel.mesh.data=1',
+                                         '--config.parallel.mesh.tensor=-1',
+                                         f'--workdir={tmp_path / "run"}'), timeout=300):
     assert 'does not give each of the 2 processes its own rows of the batch' in errors, (
         errors[-2000:])
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
@@ -184,39 +197,17 @@ def test_a_gpt_sharded_over_two_processes_trains_and_samples_as_one_process(tmp_
 def test_processes_that_do_not_share_the_workdir_are_told_at_once(tmp_path):
   """Each process its own folder (as each host's own disk would be): Orbax waited 10 minutes
   for the others' files, then failed on one process and left the other hanging."""
-  procs = start_processes(*ARGS, own_args=[[f'--workdir={tmp_path / "a"}'],
-                                           [f'--workdir={tmp_path / "b"}']])
-  for p in procs:
-    try:
-      p.communicate(timeout=120)
-    finally:
-      for q in procs:
-        if q.poll() is None and p.returncode is None:  # timed out: none left behind
-          q.kill()
-    p.stderr_file.seek(0)
-    errors = p.stderr_file.read()
-    assert p.returncode != 0
-    assert 'is not one folder shared by the 2 processes: process(es) [1] do not see' in errors, (
-        errors[-2000:])
-    assert 'Traceback' not in errors
+  errors = all_fail(start_processes(*ARGS, own_args=[[f'--workdir={tmp_path / "a"}'],
+                                                     [f'--workdir={tmp_path / "b"}']]))
+  for text in errors:
+    assert 'is not one folder shared by the 2 processes: process(es) [1] do not see' in text
 
 
 def test_a_workdir_one_process_cannot_write_stops_all_of_them(tmp_path):
   """Process 1's workdir unwritable: it said so and exited, and process 0 waited in the next
   collective, then failed with a Gloo timeout that named no workdir."""
-  procs = start_processes(*ARGS, own_args=[[f'--workdir={tmp_path / "a"}'],
-                                           ['--workdir=/proc/no_such_dir/run']])
-  errors = []
-  for p in procs:
-    try:
-      p.communicate(timeout=120)
-    finally:
-      for q in procs:
-        if q.poll() is None and p.returncode is None:  # timed out: none left behind
-          q.kill()
-    p.stderr_file.seek(0)
-    errors.append(p.stderr_file.read())
-    assert p.returncode != 0 and 'Traceback' not in errors[-1], errors[-1][-2000:]
+  errors = all_fail(start_processes(*ARGS, own_args=[[f'--workdir={tmp_path / "a"}'],
+                                                     ['--workdir=/proc/no_such_dir/run']]))
   assert f'The workdir {tmp_path / "a"} is not writable by process(es) [1]' in errors[0]
   assert 'The workdir /proc/no_such_dir/run is not writable' in errors[1]
 
