@@ -5,6 +5,7 @@
   python launch.py --workdir=runs/mine --mode=eval         # the config saved in the workdir
   python launch.py --workdir=runs/mine --config.total_steps=2000   # that run, with more steps
   python launch.py --workdir=runs/gpt --mode=sample --prompt="def " --max_new_tokens=200
+  python launch.py --config=experiments/gpt_small.py --mode=compile   # memory, before a run
 """
 # First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -27,9 +28,11 @@ from research import saved_config
 config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs (default: runs/NAME-TIME).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'compile'],
                   'train (resumes if the workdir has checkpoints), eval (the newest checkpoint '
-                  'on the eval split) or sample (language models: text from --prompt).')
+                  'on the eval split), sample (language models: text from --prompt) or compile '
+                  "(the train step for the configured devices: its memory per device and FLOPs, "
+                  'without running it).')
 flags.DEFINE_string('prompt', None, 'sample: the prompt (default: config.sample.prompt).')
 flags.DEFINE_integer('max_new_tokens', None, 'sample: tokens to generate.')
 flags.DEFINE_float('temperature', None, 'sample: 0 is greedy.')
@@ -80,6 +83,38 @@ def sample(workdir: str):
   sample_lib.sample_text(model, params, tokenizer, settings, jax.random.key(FLAGS.seed),
                          stream=lambda piece: show(piece, end='', flush=True))
   show()
+
+
+def compile_step(config, workdir: str):
+  """Prints the train step's memory per device and FLOPs (train.compile_report)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from research import train  # pylint: disable=g-import-not-at-top
+  r = train.compile_report(config, workdir)
+  if jax.process_index():
+    return
+  gb = lambda n: next(f'{n / scale:.3g} {unit}' for scale, unit in (
+      (1e9, 'GB'), (1e6, 'MB'), (1e3, 'kB'), (1, 'bytes')) if n >= scale or scale == 1)
+  peak = r['argument_bytes'] + r['output_bytes'] + r['temp_bytes'] - r['alias_bytes']
+  mesh = ' '.join(f'{axis}={size}' for axis, size in r['mesh'].items())
+  count = r['device_count']
+  print(f"Train step compiled in {r['compile_s']:.1f} s for {count} {r['device_kind']} "
+        f"device{'s' * (count > 1)} ({mesh}), batch {r['batch_size']}, {r['params']:,} "
+        'parameters.')
+  print(f"Per device (XLA's memory analysis): arguments {gb(r['argument_bytes'])}, outputs "
+        f"{gb(r['output_bytes'])} ({gb(r['alias_bytes'])} of them in the arguments' donated "
+        f"buffers), temporaries {gb(r['temp_bytes'])}: {gb(peak)} in all"
+        + (f", of {gb(r['device_memory_bytes'])} " + (
+            "(a CPU device's share of this host's RAM)." if r['device_kind'] == 'cpu' else
+            'on the device.') if r['device_memory_bytes'] else '.'))
+  if r['device_memory_bytes'] and peak > r['device_memory_bytes']:
+    print('It does not fit: more micro-batches (config.grad_accum_steps), rematerialisation '
+          '(config.model.remat), more devices sharding the state (config.parallel.mesh.fsdp) '
+          'or a smaller model' + (" (the experiment's :cpu variant)." if r['device_kind'] == 'cpu'
+                                  else '.'))
+  print(f"FLOPs: {r['flops_per_step']:.3g} in one device's program as XLA counts them (a loop "
+        'body, micro-batches or scanned layers, once)'
+        + (f"; the whole step as MFU counts it: {r['model_flops_per_step']:.3g}."
+           if r['model_flops_per_step'] else '.'))
 
 
 def initialize_distributed():
@@ -137,18 +172,23 @@ def holds_results(workdir: str) -> bool:
 
 
 @contextlib.contextmanager
-def removed_if_failed_empty(workdir: str):
+def removed_if_empty(workdir: str, also_after_success: bool = False):
   """A workdir this launch creates is removed again when the launch fails before writing a
-  checkpoint or a metric (a setting refused at start-up leaves no empty run folder behind).
-  One process only: the others of a multi-process run may still be writing to it."""
+  checkpoint or a metric (a setting refused at start-up leaves no empty run folder behind), or
+  after it, if asked (--mode=compile). One process only: the others of a multi-process run may
+  still be writing to it."""
   created = not os.path.exists(workdir)
-  try:
-    yield
-  except BaseException:
+  def remove_if_empty():
     import jax  # pylint: disable=g-import-not-at-top
     if created and jax.process_count() == 1 and not holds_results(workdir):
       shutil.rmtree(workdir, ignore_errors=True)
+  try:
+    yield
+  except BaseException:
+    remove_if_empty()
     raise
+  if also_after_success:
+    remove_if_empty()
 
 
 SAMPLE_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed')
@@ -170,7 +210,7 @@ def run(argv):
         raise app.UsageError(
             f'--{name} is only used with --mode=sample, not --mode={FLAGS.mode}'
             + (' (the training seed is --config.seed).' if name == 'seed' else '.'))
-  if FLAGS.mode != 'train' and not FLAGS.workdir:  # a new run folder would hold no checkpoint
+  if FLAGS.mode in ('eval', 'sample') and not FLAGS.workdir:  # a new folder holds no checkpoint
     raise app.UsageError(f'--mode={FLAGS.mode} needs the --workdir of a trained run.')
   if FLAGS.config is None and FLAGS.mode != 'sample':  # a workdir's config.json stands in
     raise app.UsageError(
@@ -192,8 +232,11 @@ def run(argv):
   workdir = FLAGS.workdir or default_workdir()
   try:
     if FLAGS.mode == 'train':
-      with removed_if_failed_empty(workdir):
+      with removed_if_empty(workdir):
         train.train_and_evaluate(FLAGS.config, workdir)
+    elif FLAGS.mode == 'compile':  # the folder training would use (one all processes share)
+      with removed_if_empty(workdir, also_after_success=True):
+        compile_step(FLAGS.config, workdir)
     elif FLAGS.mode == 'eval':
       train.evaluate(FLAGS.config, workdir)
     else:

@@ -107,39 +107,9 @@ def peak_memory_bytes(compiled_step) -> tuple[int | None, str]:
 
 
 def compile_only(config, name: str = '') -> dict:
-  """Ahead-of-time compilation of the train step from abstract shapes: nothing is allocated."""
+  """Ahead-of-time compilation of the train step (train.compile_report): no state allocated."""
   with tempfile.TemporaryDirectory() as workdir:
-    exp = train.setup(config, workdir)
-    state = jax.tree.map(
-        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        jax.eval_shape(exp.compiled.init_state, exp.init_rng), exp.compiled.state_sharding)
-    example = next(exp.data.train_batches(0))
-    batch = jax.eval_shape(exp.compiled.put_batch, example)
-    start = time.perf_counter()
-    step = exp.compiled.train_step.lower(state, batch, exp.rng).compile()
-    compile_s = time.perf_counter() - start
-    memory = step.memory_analysis()
-    cost = step.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    model_flops = None
-    if exp.config.model.name == 'gpt':  # what MFU counts: the whole step, all devices
-      model_flops = exp.config.batch_size * exp.config.data.seq_len * (
-          transformer.gpt_flops_per_token(state.params, exp.config.model.n_layer,
-                                          exp.config.model.n_embd, exp.config.data.seq_len))
-    return {
-        'compile_s': compile_s,
-        # XLA's cost analysis: one device's program, a loop body (micro-batches, scanned
-        # layers) counted once.
-        'flops_per_step': float(cost.get('flops', float('nan'))),
-        'flops_per_step_counts': 'one device; loop bodies once',
-        'model_flops_per_step': model_flops,
-        'argument_bytes': int(memory.argument_size_in_bytes),
-        'temp_bytes': int(memory.temp_size_in_bytes),
-        'output_bytes': int(memory.output_size_in_bytes),
-        'params': sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
-        'batch_size': exp.config.batch_size,
-        'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
-        'config': name}
+    return {**train.compile_report(config, workdir), 'config': name}
 
 
 class _Timed:

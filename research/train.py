@@ -484,9 +484,8 @@ def _raise_if_out_of_memory(config, error: Exception):
   on_cpu = jax.devices()[0].platform == 'cpu'
   raise RuntimeError(
       f'The train step does not fit in {"RAM" if on_cpu else "device memory"} '
-      f'({first}). `python -m research.benchmark --config=... '
-      '--compile_only` with the same overrides gives its memory per device without running '
-      f'it. To fit: smaller micro-batches (config.grad_accum_steps={config.grad_accum_steps} '
+      f'({first}). The same command with --mode=compile gives its memory per device without '
+      f'running it. To fit: smaller micro-batches (config.grad_accum_steps={config.grad_accum_steps} '
       f'runs {micro} examples at a time; a multiple of it runs fewer), '
       + ('rematerialisation (config.model.remat=dots or full), '
          if 'remat' in config.model else '')
@@ -503,6 +502,49 @@ def _report_tiny_model(writer, params, num_params):
         f'{jax.tree_util.keystr(path, simple=True, separator="/")}='
         + ' '.join(f'{x:.4f}' for x in np.asarray(v).ravel())
         for path, v in flat))
+
+
+def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Compiles the train step ahead of time for the configured devices, from the state's
+  abstract shapes (the state is not allocated, one batch is), and returns its compile time, XLA's memory analysis per device and
+  FLOPs, and for GPTs the step's FLOPs as MFU counts them: a step's fit, before a long run."""
+  exp = setup(config, workdir)
+  state = jax.tree.map(
+      lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(exp.compiled.init_state, exp.init_rng), exp.compiled.state_sharding)
+  # One real batch (put_batch assembles a global array from each process's rows, which
+  # eval_shape cannot trace with several processes).
+  batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
+  start = time.perf_counter()
+  step = exp.compiled.train_step.lower(state, batch, exp.rng).compile()
+  compile_s = time.perf_counter() - start
+  memory = step.memory_analysis()
+  cost = step.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  model_flops = None
+  if exp.config.model.name == 'gpt':  # what MFU counts: the whole step, all devices
+    model_flops = exp.config.batch_size * exp.config.data.seq_len * (
+        transformer.gpt_flops_per_token(state.params, exp.config.model.n_layer,
+                                        exp.config.model.n_embd, exp.config.data.seq_len))
+  limit = (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
+  if limit is None and jax.devices()[0].platform == 'cpu':  # simulated devices share the RAM
+    limit = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // jax.local_device_count()
+  return {
+      'compile_s': compile_s,
+      # XLA's cost analysis: one device's program, a loop body (micro-batches, scanned
+      # layers) counted once.
+      'flops_per_step': float(cost.get('flops', float('nan'))),
+      'flops_per_step_counts': 'one device; loop bodies once',
+      'model_flops_per_step': model_flops,
+      'argument_bytes': int(memory.argument_size_in_bytes),
+      'temp_bytes': int(memory.temp_size_in_bytes),
+      'output_bytes': int(memory.output_size_in_bytes),
+      'alias_bytes': int(memory.alias_size_in_bytes),
+      'device_memory_bytes': int(limit) if limit else None,  # CPUs: the RAM, shared
+      'params': sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
+      'batch_size': exp.config.batch_size,
+      'mesh': dict(zip(parallel.AXES, parallel.mesh_shape(exp.config.parallel))),
+      'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count()}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -3,6 +3,7 @@ collectives (gloo) and the coordinator on 127.0.0.1. Each process reads only its
 global batch; process 0 alone writes the logs; checkpoints are written by both together.
 """
 import os
+import re
 import shutil
 import signal
 import socket
@@ -223,3 +224,20 @@ def test_processes_without_a_workdir_share_process_0_s_default(tmp_path):
   (run,) = os.listdir(tmp_path / 'runs')
   assert run.startswith('mnist_mlp_cpu-')
   assert len(train_losses(tmp_path / 'runs' / run)) == 2
+
+
+def test_compile_mode_over_two_processes_reports_once(tmp_path):
+  """--mode=compile on the mesh of a multi-host run (fsdp over both processes' 8 devices):
+  process 0 prints the memory per device; the FLOPs are one device's, as with one process."""
+  gpt = ['--config=experiments/gpt_small.py:cpu', '--config.model.n_layer=1',
+         '--config.data.max_bytes=100000', '--config.parallel.mesh.data=1',
+         '--config.parallel.mesh.fsdp=8', '--mode=compile']
+  outs = wait_all(start_processes(*gpt, f'--workdir={tmp_path / "two"}'))
+  ours = [''.join(l for l in out.splitlines(True) if not l.startswith('[Gloo]')) for out in outs]
+  assert ours[0].startswith('Train step compiled in ') and '8 cpu devices (data=1 fsdp=8' in ours[0]
+  assert ours[1] == ''
+  single = run_launch(*gpt, f'--workdir={tmp_path / "one"}',
+                      env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert single.returncode == 0, single.stderr[-2000:]
+  flops = lambda out: re.search(r'FLOPs: ([\d.e+]+) in one device', out)[1]
+  assert flops(ours[0]) == flops(single.stdout)

@@ -87,14 +87,8 @@ def test_tensor_parallelism_splits_the_work(tmp_path, capfd):
   padding rows: on CPUs the qkv kernel, flattened to a matrix for speed, was gathered and
   computed whole on every device (1.8x here), and the head's logits too; the token lookup in a
   split table made XLA replicate its result ('involuntary full rematerialization')."""
-  def flops_per_device(mesh, name):  # as research.benchmark --compile_only (which defines flags)
-    exp = train.setup(gpt_config(**mesh), str(tmp_path / name))
-    state = jax.tree.map(
-        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        jax.eval_shape(exp.compiled.init_state, exp.init_rng), exp.compiled.state_sharding)
-    batch = jax.eval_shape(exp.compiled.put_batch, next(exp.data.train_batches(0)))
-    cost = exp.compiled.train_step.lower(state, batch, exp.rng).compile().cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)['flops']
+  def flops_per_device(mesh, name):  # as --mode=compile and benchmark --compile_only give them
+    return train.compile_report(gpt_config(**mesh), str(tmp_path / name))['flops_per_step']
   flops = {name: flops_per_device(mesh, name.replace(' ', '_'))
            for name, mesh in (('data', dict(data=8)), ('tensor', dict(data=2, tensor=4)),
                               ('all three', dict(data=2, fsdp=2, tensor=2)))}
