@@ -94,15 +94,21 @@ def compile_step(config, workdir: str):
     return
   gb = lambda n: next(f'{n / scale:.3g} {unit}' for scale, unit in (
       (1e9, 'GB'), (1e6, 'MB'), (1e3, 'kB'), (1, 'bytes')) if n >= scale or scale == 1)
-  peak = r['argument_bytes'] + r['output_bytes'] + r['temp_bytes'] - r['alias_bytes']
+  # XLA's CompiledMemoryStats: a program needs at least these (the batches prefetched and the
+  # eval step come on top).
+  peak = (r['argument_bytes'] + r['output_bytes'] + r['temp_bytes'] - r['alias_bytes']
+          + r['code_bytes'])
   mesh = ' '.join(f'{axis}={size}' for axis, size in r['mesh'].items())
   count = r['device_count']
-  print(f"Train step compiled in {r['compile_s']:.1f} s for {count} {r['device_kind']} "
+  print(f"Train step compiled (or loaded from the compilation cache) in {r['compile_s']:.1f} "
+        f"s for {count} {r['device_kind']} "
         f"device{'s' * (count > 1)} ({mesh}), batch {r['batch_size']}, {r['params']:,} "
         'parameters.')
   print(f"Per device (XLA's memory analysis): arguments {gb(r['argument_bytes'])}, outputs "
         f"{gb(r['output_bytes'])} ({gb(r['alias_bytes'])} of them in the arguments' donated "
-        f"buffers), temporaries {gb(r['temp_bytes'])}: {gb(peak)} in all"
+        f"buffers), temporaries {gb(r['temp_bytes'])}"
+        + (f", code {gb(r['code_bytes'])}" if r['code_bytes'] else '')
+        + f": at least {gb(peak)} in all"
         + (f", of {gb(r['device_memory_bytes'])} " + (
             "(a CPU device's share of this host's RAM)." if r['device_kind'] == 'cpu' else
             'on the device.') if r['device_memory_bytes'] else '.'))
@@ -174,21 +180,31 @@ def holds_results(workdir: str) -> bool:
 @contextlib.contextmanager
 def removed_if_empty(workdir: str, also_after_success: bool = False):
   """A workdir this launch creates is removed again when the launch fails before writing a
-  checkpoint or a metric (a setting refused at start-up leaves no empty run folder behind), or
-  after it, if asked (--mode=compile). One process only: the others of a multi-process run may
-  still be writing to it."""
+  checkpoint or a metric (a setting refused at start-up leaves no empty run folder behind; one
+  process only: the others of a multi-process run may still be writing to it), or after it
+  succeeds, if asked (--mode=compile: by process 0 once all are done)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  together = also_after_success and jax.process_count() > 1
+  if together:  # all look before any of them makes it
+    multihost_utils.sync_global_devices('removed_if_empty: look')
   created = not os.path.exists(workdir)
+  if together:
+    multihost_utils.sync_global_devices('removed_if_empty: looked')
   def remove_if_empty():
-    import jax  # pylint: disable=g-import-not-at-top
-    if created and jax.process_count() == 1 and not holds_results(workdir):
+    if created and not holds_results(workdir):
       shutil.rmtree(workdir, ignore_errors=True)
   try:
     yield
   except BaseException:
-    remove_if_empty()
+    if jax.process_count() == 1:
+      remove_if_empty()
     raise
   if also_after_success:
-    remove_if_empty()
+    if together:
+      multihost_utils.sync_global_devices('removed_if_empty: done')
+    if jax.process_index() == 0:
+      remove_if_empty()
 
 
 SAMPLE_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed')

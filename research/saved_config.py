@@ -31,7 +31,8 @@ def get_config(workdir: str) -> ml_collections.ConfigDict:
 
 def with_saved_config(argv: list[str]) -> list[str]:
   """`argv` with `--config=research/saved_config.py:WORKDIR` added where a launch names no
-  --config, a --workdir with a config.json and a mode that reads a config (train, eval).
+  --config, a --workdir with a config.json and a mode that reads a config (train, eval,
+  compile).
   --config.KEY overrides that have no config to change exit with a line saying why."""
   value = lambda name: (cli.flag_values(argv, name) or [None])[-1]
   if value('config') is not None:

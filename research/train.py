@@ -506,17 +506,21 @@ def _report_tiny_model(writer, params, num_params):
 
 def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Compiles the train step ahead of time for the configured devices, from the state's
-  abstract shapes (the state is not allocated, one batch is), and returns its compile time, XLA's memory analysis per device and
-  FLOPs, and for GPTs the step's FLOPs as MFU counts them: a step's fit, before a long run."""
+  abstract shapes (the state is not allocated, one batch is), and returns its compile time
+  (a load where the compilation cache has it), XLA's memory analysis per device and FLOPs,
+  and for GPTs the step's FLOPs as MFU counts them: a step's fit, before a long run."""
   exp = setup(config, workdir)
   state = jax.tree.map(
       lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       jax.eval_shape(exp.compiled.init_state, exp.init_rng), exp.compiled.state_sharding)
+  stepped = state
+  if exp.config.parallel.mode == 'pmap':  # a copy per device, stacked
+    stepped = jax.eval_shape(exp.compiled.put_state, state)
   # One real batch (put_batch assembles a global array from each process's rows, which
   # eval_shape cannot trace with several processes).
   batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
   start = time.perf_counter()
-  step = exp.compiled.train_step.lower(state, batch, exp.rng).compile()
+  step = exp.compiled.train_step.lower(stepped, batch, exp.rng).compile()
   compile_s = time.perf_counter() - start
   memory = step.memory_analysis()
   cost = step.cost_analysis()
@@ -526,9 +530,12 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_flops = exp.config.batch_size * exp.config.data.seq_len * (
         transformer.gpt_flops_per_token(state.params, exp.config.model.n_layer,
                                         exp.config.model.n_embd, exp.config.data.seq_len))
+  mesh = parallel.mesh_shape(exp.config.parallel)
+  devices = int(np.prod(mesh))  # config.parallel.num_devices may leave some out
   limit = (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
   if limit is None and jax.devices()[0].platform == 'cpu':  # simulated devices share the RAM
-    limit = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // jax.local_device_count()
+    limit = (os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+             // (devices // jax.process_count()))
   return {
       'compile_s': compile_s,
       # XLA's cost analysis: one device's program, a loop body (micro-batches, scanned
@@ -540,11 +547,12 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'temp_bytes': int(memory.temp_size_in_bytes),
       'output_bytes': int(memory.output_size_in_bytes),
       'alias_bytes': int(memory.alias_size_in_bytes),
+      'code_bytes': int(memory.generated_code_size_in_bytes),
       'device_memory_bytes': int(limit) if limit else None,  # CPUs: the RAM, shared
       'params': sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
       'batch_size': exp.config.batch_size,
-      'mesh': dict(zip(parallel.AXES, parallel.mesh_shape(exp.config.parallel))),
-      'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count()}
+      'mesh': dict(zip(parallel.AXES, mesh)),
+      'device_kind': jax.devices()[0].device_kind, 'device_count': devices}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -498,29 +498,44 @@ def test_max_eval_batches_evaluates_exactly_that_many_batches(tmp_path):
 
 
 def test_launch_compile_mode_gives_the_step_s_memory_and_flops_without_a_run(tmp_path):
-  """--mode=compile on the configured mesh (here fsdp over the 2 devices of run_launch): the
-  memory per device, whether it fits, and the FLOPs; no run is left behind."""
+  """--mode=compile on the configured mesh (here fsdp over the 2 devices of run_launch, pmap,
+  one of the two devices): the memory per device (the sum of XLA's figures, against the
+  device's share of the RAM), whether it fits, and the FLOPs; no run is left behind."""
   small = ['--config=experiments/gpt_small.py:cpu', '--config.model.n_layer=1',
-           '--config.data.max_bytes=100000', '--config.parallel.mesh.data=1',
-           '--config.parallel.mesh.fsdp=2']
+           '--config.data.max_bytes=100000']
   # GPT-2 small's width, one layer, byte vocabulary, a batch of 4096 x 1024 at once: 439 GB of
   # temporaries per device, more than a host's RAM.
   huge = ['--config=experiments/gpt_small.py', '--config.model.n_layer=1',
           '--config.data.tokenizer=byte', '--config.data.vocab_size=0',
           '--config.data.max_bytes=3000000', '--config.grad_accum_steps=1',
           '--config.batch_size=4096']
-  for args, fits in ((small, True), (huge, False)):
-    workdir = tmp_path / ('small' if fits else 'huge')
+  fsdp = ['--config.parallel.mesh.data=1', '--config.parallel.mesh.fsdp=2']
+  one = ['--config.parallel.num_devices=1', '--config.parallel.cpu_batch_parts=1']
+  ram, params = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), set()
+  scale = {'GB': 1e9, 'MB': 1e6, 'kB': 1e3, 'bytes': 1}
+  size = r'([\d.e+]+) (GB|MB|kB|bytes)'
+  for name, args, devices, mesh in (
+      ('fsdp', small + fsdp, 2, 'data=1 fsdp=2'), ('pmap', small + ['--config.parallel.mode=pmap'],
+                                                  2, 'data=2 fsdp=1'),
+      ('one', small + one, 1, 'data=1 fsdp=1'), ('huge', huge, 2, 'data=2 fsdp=1')):
+    workdir = tmp_path / name
     done = run_launch(*args, '--mode=compile', f'--workdir={workdir}')
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    mesh = 'data=1 fsdp=2' if fits else 'data=2 fsdp=1'  # huge: the default, data parallel
-    assert lines[0].startswith('Train step compiled in ') and f'cpu devices ({mesh} ' in lines[0]
-    memory = re.search(r'temporaries ([\d.e+]+) (GB|MB|kB|bytes): ([\d.e+]+) (GB|MB|kB|bytes) '
-                       r'in all, of ([\d.e+]+) (GB|MB|kB|bytes)', lines[1])
-    scale = {'GB': 1e9, 'MB': 1e6, 'kB': 1e3, 'bytes': 1}
-    peak, limit = (float(memory[i]) * scale[memory[i + 1]] for i in (3, 5))
+    assert lines[0].startswith('Train step compiled') and (
+        f' {devices} cpu device{"s" * (devices > 1)} ({mesh} ') in lines[0], lines[0]
+    if name != 'huge':  # the model's, not pmap's copies of it
+      params.add(re.search(r'([\d,]+) parameters', lines[0])[1])
+    figures = re.search(rf'arguments {size}, outputs {size} \({size} of them in the arguments\' '
+                        rf'donated buffers\), temporaries {size}: at least {size} in all, of '
+                        rf'{size}', lines[1])
+    args_, outs, alias, temps, peak, limit = (float(figures[i]) * scale[figures[i + 1]]
+                                              for i in range(1, 13, 2))
+    assert peak == pytest.approx(args_ + outs - alias + temps, rel=0.01, abs=2e3)
+    assert limit == pytest.approx(ram / devices, rel=0.01)  # simulated devices share the RAM
+    fits = name != 'huge'
     assert (peak <= limit) == fits and ('It does not fit' in done.stdout) == (not fits)
     assert re.search(r'FLOPs: [\d.e+]+ in one device.*the whole step as MFU counts it: '
                      r'[\d.e+]+\.', done.stdout)
     assert not workdir.exists()
+  assert params == {'264,064'}
