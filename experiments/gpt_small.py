@@ -1,6 +1,7 @@
 """GPT-2 small (124M with GPT-2's vocabulary): 12 layers, 12 heads, 768 wide, context 1024.
 
   python launch.py --config=experiments/gpt_small.py          # accelerators
+  python launch.py --config=experiments/gpt_small.py --mode=compile   # fits? (memory, FLOPs)
   python launch.py --config=experiments/gpt_small.py:cpu      # 17-25 s on a 2-core CPU
   python launch.py --config=experiments/gpt_small.py:nano     # the nano model of the benchmark
   python launch.py --mode=sample --workdir=runs/... --prompt="def "
