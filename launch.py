@@ -196,9 +196,11 @@ def removed_if_empty(workdir: str, also_after_success: bool = False):
       shutil.rmtree(workdir, ignore_errors=True)
   try:
     yield
-  except BaseException:
+  except BaseException as e:
     if jax.process_count() == 1:
       remove_if_empty()
+    elif together and not isinstance(e, KeyboardInterrupt):  # (Ctrl-C: os._exit, no sync)
+      multihost_utils.sync_global_devices('removed_if_empty: done')  # the others wait there
     raise
   if also_after_success:
     if together:
