@@ -94,10 +94,7 @@ def compile_step(config, workdir: str):
     return
   gb = lambda n: next(f'{n / scale:.3g} {unit}' for scale, unit in (
       (1e9, 'GB'), (1e6, 'MB'), (1e3, 'kB'), (1, 'bytes')) if n >= scale or scale == 1)
-  # XLA's CompiledMemoryStats: a program needs at least these (the batches prefetched and the
-  # eval step come on top).
-  peak = (r['argument_bytes'] + r['output_bytes'] + r['temp_bytes'] - r['alias_bytes']
-          + r['code_bytes'])
+  peak = r['memory_bytes']  # at least: the batches prefetched and the eval step come on top
   mesh = ' '.join(f'{axis}={size}' for axis, size in r['mesh'].items())
   count = r['device_count']
   print(f"Train step compiled (or loaded from the compilation cache) in {r['compile_s']:.1f} "
@@ -113,10 +110,7 @@ def compile_step(config, workdir: str):
             "(a CPU device's share of this host's RAM)." if r['device_kind'] == 'cpu' else
             'on the device.') if r['device_memory_bytes'] else '.'))
   if r['device_memory_bytes'] and peak > r['device_memory_bytes']:
-    print('It does not fit: more micro-batches (config.grad_accum_steps), rematerialisation '
-          '(config.model.remat), more devices sharding the state (config.parallel.mesh.fsdp) '
-          'or a smaller model' + (" (the experiment's :cpu variant)." if r['device_kind'] == 'cpu'
-                                  else '.'))
+    print(f"It does not fit. {r['ways_to_fit']}")
   print(f"FLOPs: {r['flops_per_step']:.3g} in one device's program as XLA counts them (a loop "
         'body, micro-batches or scanned layers, once)'
         + (f"; the whole step as MFU counts it: {r['model_flops_per_step']:.3g}."

@@ -102,8 +102,7 @@ def peak_memory_bytes(compiled_step) -> tuple[int | None, str]:
   analysis = compiled_step.memory_analysis()
   if analysis is None:
     return None, 'none'
-  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes), 'xla_estimate'
+  return train.xla_memory_bytes(analysis), 'xla_estimate'
 
 
 def compile_only(config, name: str = '') -> dict:

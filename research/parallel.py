@@ -115,19 +115,19 @@ def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh,
                      eval_batch_size: int = 0, parts: int = 1):
   """Fails before any compilation when a global batch cannot be split evenly."""
   n = math.prod(mesh.shape[a] for a in BATCH)
+  whole = n * grad_accum_steps * parts  # what must divide batch_size
   for key, size in (('batch_size', batch_size), ('eval_batch_size', eval_batch_size)):
     if size % n:
-      step = n * grad_accum_steps * parts if key == 'batch_size' else n  # what must divide it
+      step = whole if key == 'batch_size' else n
       raise ValueError(
           f'config.{key}={size} is not divisible by the number of devices it is split over '
           f'({n} = mesh data x fsdp); use a multiple of {n}, e.g. {max(1, size // step) * step}.')
-  if batch_size % (n * grad_accum_steps * parts):
+  if batch_size % whole:
     names, sizes = 'devices x config.grad_accum_steps', f'{n} x {grad_accum_steps}'
     if parts > 1:
       names, sizes = names + ' x config.parallel.cpu_batch_parts', sizes + f' x {parts}'
-    step = n * grad_accum_steps * parts
     raise ValueError(f'config.batch_size={batch_size} must be divisible by {names} = {sizes}, '
-                     f'e.g. {max(1, batch_size // step) * step}.')
+                     f'e.g. {max(1, batch_size // whole) * whole}.')
   check_process_rows(mesh, batch_size)
 
 

@@ -480,18 +480,33 @@ def _raise_if_out_of_memory(config, error: Exception):
   first = str(error).splitlines()[0]
   if 'RESOURCE_EXHAUSTED' not in first or 'memory' not in first.lower():
     return
-  micro = config.batch_size // config.grad_accum_steps
   on_cpu = jax.devices()[0].platform == 'cpu'
   raise RuntimeError(
       f'The train step does not fit in {"RAM" if on_cpu else "device memory"} '
       f'({first}). The same command with --mode=compile gives its memory per device without '
-      f'running it. To fit: smaller micro-batches (config.grad_accum_steps={config.grad_accum_steps} '
-      f'runs {micro} examples at a time; a multiple of it runs fewer), '
-      + ('rematerialisation (config.model.remat=dots or full), '
-         if 'remat' in config.model else '')
-      + 'more devices sharding the state (config.parallel.mesh.fsdp) or a smaller model'
-      + (" (on a CPU, the experiment's :cpu variant)." if on_cpu else '.')
+      f'running it. {ways_to_fit(config)}'
       + (f'\nXLA said:\n{error}' if '\n' in str(error).strip() else '')) from error
+
+
+def ways_to_fit(config) -> str:
+  """The settings that make a train step smaller, for a step that does not fit."""
+  micro = config.batch_size // config.grad_accum_steps
+  return ('To fit: smaller micro-batches (config.grad_accum_steps='
+          f'{config.grad_accum_steps} runs {micro} examples at a time; a multiple of it runs '
+          'fewer), ' + ('rematerialisation (config.model.remat=dots or full), '
+                        if 'remat' in config.model else '')
+          + 'more devices sharding the state (config.parallel.mesh.fsdp) or a smaller model'
+          + (" (on a CPU, the experiment's :cpu variant)."
+             if jax.devices()[0].platform == 'cpu' else '.'))
+
+
+def xla_memory_bytes(analysis) -> int:
+  """What a compiled program needs on each device at least, from XLA's memory analysis
+  (CompiledMemoryStats): its arguments, outputs not written over donated arguments,
+  temporaries and code."""
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes
+             + analysis.generated_code_size_in_bytes)
 
 
 def _report_tiny_model(writer, params, num_params):
@@ -548,6 +563,8 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'output_bytes': int(memory.output_size_in_bytes),
       'alias_bytes': int(memory.alias_size_in_bytes),
       'code_bytes': int(memory.generated_code_size_in_bytes),
+      'memory_bytes': xla_memory_bytes(memory),  # at least, per device
+      'ways_to_fit': ways_to_fit(exp.config),
       'device_memory_bytes': int(limit) if limit else None,  # CPUs: the RAM, shared
       'params': sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
       'batch_size': exp.config.batch_size,
