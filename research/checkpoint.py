@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 from absl import logging
 import jax
@@ -158,7 +159,9 @@ def _read_quietly(read):
   sys.stderr = held
   try:
     time.sleep(0.2)  # most reads in flight end within tens of milliseconds
-    gc.collect()
+    with warnings.catch_warnings():  # the failed reads' coroutines, freed unfinished
+      warnings.filterwarnings('ignore', "coroutine '.*' was never awaited", RuntimeWarning)
+      gc.collect()
   finally:
     sys.stderr = stderr
   return None, error
