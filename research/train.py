@@ -490,14 +490,17 @@ def _raise_if_out_of_memory(config, error: Exception):
 
 def ways_to_fit(config) -> str:
   """The settings that make a train step smaller, for a step that does not fit."""
-  micro = config.batch_size // config.grad_accum_steps
-  return ('To fit: smaller micro-batches (config.grad_accum_steps='
-          f'{config.grad_accum_steps} runs {micro} examples at a time; a multiple of it runs '
-          'fewer), ' + ('rematerialisation (config.model.remat=dots or full), '
-                        if 'remat' in config.model else '')
-          + 'more devices sharding the state (config.parallel.mesh.fsdp) or a smaller model'
-          + (" (on a CPU, the experiment's :cpu variant)."
-             if jax.devices()[0].platform == 'cpu' else '.'))
+  cpu = jax.devices()[0].platform == 'cpu'
+  ways = [f'smaller micro-batches (config.grad_accum_steps={config.grad_accum_steps} runs '
+          f'{config.batch_size // config.grad_accum_steps} examples at a time; a multiple of '
+          'it runs fewer)']
+  if 'remat' in config.model:
+    ways.append('rematerialisation (config.model.remat=dots or full'
+                + (', with config.model.scan_layers=True: on CPUs it saves nothing in unrolled '
+                   'layers' if cpu and not config.model.get('scan_layers') else '') + ')')
+  ways.append('more devices sharding the state (config.parallel.mesh.fsdp) or a smaller model'
+              + (" (on a CPU, the experiment's :cpu variant)" if cpu else ''))
+  return 'To fit: ' + ', '.join(ways) + '.'
 
 
 def xla_memory_bytes(analysis) -> int:

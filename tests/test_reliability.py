@@ -506,6 +506,7 @@ def test_a_first_step_out_of_memory_names_the_settings_that_shrink_it(
   assert text.startswith(f'The train step does not fit in RAM ({message}).')
   assert 'config.grad_accum_steps=4 runs 16 examples at a time' in text
   assert ('config.model.remat=dots or full' in text) == remat
+  assert ('with config.model.scan_layers=True' in text) == remat  # gpt_small is unrolled
   assert 'config.parallel.mesh.fsdp' in text and ":cpu variant" in text
   for error, at_step in (('INTERNAL: something else', 0),
                          ('RESOURCE_EXHAUSTED: too many open streams', 0), (message, 1)):

@@ -192,6 +192,30 @@ def test_remat_same_outputs_and_grads(params, remat):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
 
 
+def _temporary_bytes(**fields) -> int:
+  """XLA's temporary memory for the loss and gradients of a 4-layer GPT (activations dominate)."""
+  model = GPT(**{**TINY, 'block_size': 128, 'n_embd': 64, 'n_layer': 4, **fields})
+  x = jax.ShapeDtypeStruct((8, 128), jnp.int32)
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), x)['params'])
+  return loss_and_grad.lower(model, shapes, x).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA's CPU compiler's behaviour")
+def test_remat_saves_memory_on_cpus_only_with_scanned_layers(caplog, monkeypatch):
+  """Scanned: 'full' keeps a fraction of the activations. Unrolled, XLA's CPU compiler folds the
+  recomputation back in and the step keeps them all, so the model warns (if this starts to
+  fail on the unrolled side, XLA keeps remat there now and REMAT_ON_CPU can go)."""
+  scanned = _temporary_bytes(scan_layers=True)
+  assert _temporary_bytes(scan_layers=True, remat='full') < 0.5 * scanned
+  unrolled = _temporary_bytes()
+  assert _temporary_bytes(remat='full') > 0.9 * unrolled
+  monkeypatch.setattr(transformer, '_WARNED', set())
+  with caplog.at_level('WARNING'):
+    for scan in (True, False, False):  # said once
+      GPT.check_fields({'remat': 'full', 'scan_layers': scan})
+  assert [r.getMessage() for r in caplog.records] == [transformer.REMAT_ON_CPU.format('full')]
+
+
 def test_dropout_only_in_training(params):
   model, x = GPT(**TINY, dropout_rate=0.5), tokens()
   np.testing.assert_array_equal(forward(model, params, x), forward(GPT(**TINY), params, x))

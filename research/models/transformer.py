@@ -19,6 +19,7 @@ stacked on a leading layer axis like the parameters).
 import math
 from typing import Any
 
+from absl import logging
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
@@ -283,6 +284,12 @@ class Block(nn.Module):
     return constrain(x, ('batch', 'length', 'embed')), None
 
 
+REMAT_ON_CPU = ("config.model.remat='{}' saves no memory on CPUs with unrolled layers (XLA's CPU "
+                'compiler folds the recomputation back in); set config.model.scan_layers=True '
+                'with it.')
+_WARNED = set()
+
+
 def remat_policy(name: str):
   """'full' saves nothing; 'dots' (or any `jax.checkpoint_policies` name) saves some matmuls."""
   if name == 'full':
@@ -327,6 +334,16 @@ class GPT(nn.Module):
     if fields.get('attention', cls.attention) not in ATTENTION:
       raise ValueError(f'config.model.attention={fields["attention"]!r} is not one of '
                        f'{list(ATTENTION)}.')
+    remat = fields.get('remat', cls.remat)
+    if (remat != 'none' and not fields.get('scan_layers', cls.scan_layers)
+        and jax.default_backend() == 'cpu'):
+      # XLA's CPU compiler drops the barriers that keep a recomputation apart from the forward
+      # pass: the step then keeps every activation (a 4-layer GPT's temporaries the same) and
+      # recomputes some besides. Scanned layers keep them apart (tests/test_transformer.py).
+      warning = REMAT_ON_CPU.format(remat)
+      if warning not in _WARNED:  # once: the config is checked when read and when built
+        _WARNED.add(warning)
+        logging.warning(warning)
 
   @property
   def padded_vocab(self) -> int:
