@@ -66,6 +66,7 @@ import numpy as np
 
 from research import cli
 from research import metrics as metrics_lib
+from research import parallel
 from research import profiling
 from research import train
 from research.models import transformer
@@ -158,7 +159,8 @@ def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None
     result = {'examples_per_sec': config.batch_size / step_s}
     seq_len = config.data.seq_len if config.data.name == 'text' else None
     mfu = None
-    peak_flops, estimated = metrics_lib.total_peak_flops()
+    count = len(parallel.devices(config.parallel.num_devices))  # the run's
+    peak_flops, estimated = metrics_lib.total_peak_flops(count)
     if config.model.name == 'gpt':
       result['tokens_per_sec'] = result['examples_per_sec'] * seq_len
       per_token = transformer.gpt_flops_per_token(
@@ -172,8 +174,7 @@ def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None
         peak_memory_bytes=memory, peak_memory_from=memory_from, params=num_params,
         batch_size=config.batch_size, seq_len=seq_len,
         vocab_size=config.model.vocab_size if config.model.name == 'gpt' else None,
-        device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
-        config=name)
+        device_kind=jax.devices()[0].device_kind, device_count=count, config=name)
   return result
 
 
@@ -190,7 +191,8 @@ def run_ab(config_a, config_b, steps: int, warmup: int, names: tuple[str, str]) 
           'b_step_ms': 1000 * statistics.median(t for _, t in pairs),
           'b_over_a': statistics.median(tb / ta for ta, tb in pairs),
           'b_faster_share': sum(tb < ta for ta, tb in pairs) / len(pairs), 'pairs': len(pairs),
-          'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+          'device_kind': jax.devices()[0].device_kind,
+          'device_count': len(parallel.devices(config_a.parallel.num_devices)),
           'config': names[0], 'config_b': names[1]}
 
 

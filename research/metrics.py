@@ -80,10 +80,12 @@ def cpu_flops_per_core() -> float:
   return 2.5e9 * 2 * lanes * 2
 
 
-def total_peak_flops() -> tuple[float, bool]:
-  """(peak FLOP/s of all devices of the run, whether it is an estimate): MFU's denominator."""
-  peak, estimated = peak_flops(jax.devices()[0])
-  return peak * jax.device_count(), estimated
+def total_peak_flops(num_devices: int) -> tuple[float, bool]:
+  """(peak FLOP/s of the `num_devices` devices a run uses, whether it is an estimate): MFU's
+  denominator. Simulated CPU devices share the host's cores: the host's, however many."""
+  device = jax.devices()[0]
+  peak, estimated = peak_flops(device)
+  return peak * (jax.device_count() if device.platform == 'cpu' else num_devices), estimated
 
 
 def peak_flops(device) -> tuple[float, bool]:

@@ -378,14 +378,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                'describe were not checkpointed and run again now).')
   params = exp.compiled.get_state(state).params
   num_params = sum(x.size for x in jax.tree.leaves(params))
+  count = len(parallel.devices(config.parallel.num_devices))  # the run's, not all there are
   if config.model.name == 'gpt':
     exp.flops_per_token = transformer.gpt_flops_per_token(
         params, config.model.n_layer, config.model.n_embd, config.data.seq_len)
-    exp.peak_flops, estimated = metrics_lib.total_peak_flops()
+    exp.peak_flops, estimated = metrics_lib.total_peak_flops(count)
     writer.log(f'{exp.flops_per_token / 1e6:.1f} MFLOPs per token (6N + 12 L C T); MFU against '
                f'{exp.peak_flops / 1e12:.3g} TFLOP/s'
                + (' (an estimate for this CPU)' if estimated else ''))
-  count = jax.device_count()
   writer.log(f'{config.model.name}: {num_params:,} parameters; {count} device{"s" * (count > 1)} '
              f'({jax.devices()[0].device_kind}), parallel.mode={config.parallel.mode}; '
              + (f'resuming from step {start}' if start else

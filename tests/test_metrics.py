@@ -100,10 +100,11 @@ def test_cpu_peak_flops_are_the_hosts_cores_shared_by_its_devices(monkeypatch):
   device, n = jax.devices()[0], jax.device_count()  # conftest simulates 8
   assert device.platform == 'cpu'
   assert metrics.peak_flops(device) == (pytest.approx(6e9 / n), True)
-  assert metrics.total_peak_flops() == (pytest.approx(6e9), True)
+  for used in (n, 1):  # a run on one of them (config.parallel.num_devices) has every core too
+    assert metrics.total_peak_flops(used) == (pytest.approx(6e9), True)
   monkeypatch.setattr(jax, 'device_count', lambda: 3)
   assert metrics.peak_flops(device) == (pytest.approx(2e9), True)
-  assert metrics.total_peak_flops() == (pytest.approx(6e9), True)
+  assert metrics.total_peak_flops(3) == (pytest.approx(6e9), True)
 
 
 def test_accelerator_peak_flops_are_per_chip_times_chips(monkeypatch):
@@ -112,7 +113,8 @@ def test_accelerator_peak_flops_are_per_chip_times_chips(monkeypatch):
   assert metrics.peak_flops(h100) == (989e12, False)
   monkeypatch.setattr(jax, 'devices', lambda: [h100] * 4)
   monkeypatch.setattr(jax, 'device_count', lambda: 4)
-  assert metrics.total_peak_flops() == (4 * 989e12, False)
+  assert metrics.total_peak_flops(4) == (4 * 989e12, False)
+  assert metrics.total_peak_flops(1) == (989e12, False)  # num_devices=1: MFU was 4x too low
   unknown = types.SimpleNamespace(device_kind='Mystery chip', platform='gpu')
   flops, estimated = metrics.peak_flops(unknown)
   assert np.isnan(flops) and estimated

@@ -92,6 +92,7 @@ def test_two_processes_match_one_process_with_8_and_with_1_device(tmp_path):
   one_1 = run_launch(*ARGS, *steps, f'--workdir={tmp_path / "one1"}',
                      '--config.parallel.num_devices=1', mock_tfds=True)
   assert one_8.returncode == 0 and one_1.returncode == 0, one_8.stderr[-2000:]
+  assert 'parameters; 1 device (' in one_1.stdout  # the run's, not the 8 there are
   assert len(train_losses(two)) == 6
   np.testing.assert_allclose(train_losses(two), train_losses(tmp_path / 'one8'), rtol=1e-5)
   np.testing.assert_allclose(train_losses(two), train_losses(tmp_path / 'one1'), rtol=1e-5)
