@@ -178,10 +178,11 @@ def test_a_process_whose_peers_never_join_says_what_it_waits_for(tmp_path):
 
 def test_a_gpt_sharded_over_two_processes_trains_and_samples_as_one_process(tmp_path):
   """FSDP over the 8 devices of two processes: the same losses and evaluation as one process
-  with 8 devices; --mode=sample generates on both and prints from process 0 only."""
+  with 8 devices, and as one process resuming their step-2 checkpoint with data=8 instead;
+  --mode=sample generates on both and prints from process 0 only."""
   gpt = ['--config=experiments/gpt_small.py:cpu', '--config.model.n_layer=1',
          '--config.data.max_bytes=200000', '--config.total_steps=4', '--config.log_every_steps=1',
-         '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4',
+         '--config.eval_every_steps=4', '--config.checkpoint_every_steps=2',
          '--config.max_eval_batches=2', '--config.sample.max_new_tokens=0',
          '--config.parallel.mesh.data=1', '--config.parallel.mesh.fsdp=8']
   two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
@@ -194,6 +195,15 @@ def test_a_gpt_sharded_over_two_processes_trains_and_samples_as_one_process(tmp_
   np.testing.assert_allclose([r[2] for r in records(two)], [r[2] for r in records(one)],
                              rtol=1e-5)
   assert [r[:2] for r in records(two)] == [r[:2] for r in records(one)]
+  resumed = str(tmp_path / 'resumed')  # saved sharded by fsdp, restored split by data
+  shutil.copytree(two, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '4'))
+  again = run_launch(*gpt, f'--workdir={resumed}', '--config.parallel.mesh.data=8',
+                     '--config.parallel.mesh.fsdp=1', env=eight)
+  assert again.returncode == 0 and 'resuming from step 2' in again.stdout, again.stderr[-2000:]
+  assert [r[:2] for r in records(resumed)] == [r[:2] for r in records(two)]
+  np.testing.assert_allclose([r[2] for r in records(resumed)], [r[2] for r in records(two)],
+                             rtol=1e-5)
   sample = ['--mode=sample', '--prompt=def ', '--max_new_tokens=24', '--temperature=0']
   outs = wait_all(start_processes(*sample, f'--workdir={two}'))
   alone = run_launch(*sample, f'--workdir={one}', env=eight)
