@@ -532,6 +532,7 @@ def test_launch_compile_mode_gives_the_step_s_memory_and_flops_without_a_run(tmp
     args_, outs, alias, temps, peak, limit = (float(figures[i]) * scale[figures[i + 1]]
                                               for i in range(1, 13, 2))
     assert peak == pytest.approx(args_ + outs - alias + temps, rel=0.01, abs=2e3)
+    assert alias > 0.5 * args_  # the state (most of the arguments) updated in place
     assert limit == pytest.approx(ram / devices, rel=0.01)  # simulated devices share the RAM
     fits = name != 'huge'
     assert (peak <= limit) == fits and ('It does not fit' in done.stdout) == (not fits)
