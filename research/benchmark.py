@@ -5,11 +5,12 @@ step), compiles the train step ahead of time, runs --warmup steps, then times --
 one by one (each waited for) on one real batch from the experiment's own pipeline, so the
 figures are the device's speed, not the input pipeline's. The last line printed is one JSON
 object: tokens_per_sec (language models) or examples_per_sec, step_ms (median), compile_s,
-mfu with its denominator peak_flops (all devices; peak_flops_estimated: true on CPUs, whose
-peak is estimated from the core count, research/metrics.py), peak_memory_bytes with
+mfu with its denominator peak_flops (the run's devices; peak_flops_estimated: true on CPUs,
+whose peak is estimated from the core count, research/metrics.py), peak_memory_bytes with
 peak_memory_from ('allocator': the device's measured peak; 'xla_estimate': XLA's analysis of
-the step's buffers, on CPUs; 'none' where neither is given), params, batch_size, seq_len, vocab_size (GPTs), device_kind,
-device_count, config.
+the step's buffers, on CPUs; 'none' where neither is given), params, batch_size, seq_len,
+vocab_size (GPTs), device_kind, device_count (the run's: config.parallel.num_devices), config
+and overrides (the command line's --config.KEY=VALUE).
 
 --compile_only compiles the step ahead of time for the configured devices and prints its
 compile time, memory (per device) and XLA's FLOPs per step instead, before a long run. XLA's
@@ -258,17 +259,17 @@ def main(argv):
   if FLAGS.profile_dir and (FLAGS.against_torch or FLAGS.compile_only or FLAGS.config_b):
     raise app.UsageError('--profile_dir profiles a plain benchmark run: not with '
                          '--against_torch, --compile_only or --config_b.')
+  overrides = override_flags(config_flags.get_override_values(flags.FLAGS['config']))
   if FLAGS.against_torch:
     if FLAGS.compile_only or FLAGS.rounds < 1 or FLAGS.config_b is not None:
       raise app.UsageError('--against_torch needs --rounds >= 1, no --compile_only and no '
                            '--config_b.')
-    overrides = override_flags(config_flags.get_override_values(flags.FLAGS['config']))
     try:
       result = against_torch(name, overrides, FLAGS.rounds, FLAGS.steps, FLAGS.warmup,
                              FLAGS.torch_args, ('--mock_data',) if FLAGS.mock_data else ())
     except RuntimeError as e:  # a failed run or a mismatch: its message, not our traceback
       sys.exit(str(e))
-    print(json.dumps(result))
+    print(json.dumps({**result, 'overrides': overrides}))
     return
   with mock_data(FLAGS.config) if FLAGS.mock_data else contextlib.nullcontext():
     if FLAGS.config_b is not None:
@@ -282,6 +283,8 @@ def main(argv):
       result = compile_only(FLAGS.config, name)
     else:
       result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name, FLAGS.profile_dir)
+    if FLAGS.config_b is None:  # --config_b's labels hold them
+      result['overrides'] = overrides  # the command line's --config.KEY=VALUE, as given
   print(json.dumps(result))
 
 

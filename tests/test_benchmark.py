@@ -34,6 +34,7 @@ def test_the_last_line_is_the_issue_s_json_and_its_figures_agree():
   r = json.loads(done.stdout.strip().splitlines()[-1])
   assert (r['config'], r['batch_size'], r['device_kind']) == (
       'experiments/gpt_small.py:cpu', 32, 'cpu')
+  assert r['overrides'] == ['--config.batch_size=32', '--config.model.n_layer=1']
   assert r['device_count'] == 8 and r['compile_s'] > 0  # conftest's 8 simulated devices
   assert r['tokens_per_sec'] == pytest.approx(32 * r['seq_len'] * 1000 / r['step_ms'])
   assert r['examples_per_sec'] == pytest.approx(32 * 1000 / r['step_ms'])
