@@ -37,12 +37,16 @@ def start_processes(*args, count=2, devices=4, own_args=None, own_env=None, cwd=
                                   mock_tfds=True)
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
     env.update(own_env[i] if own_env else {})
-    errors = tempfile.TemporaryFile(mode='w+')
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors,
-                            text=True)
-    proc.stderr_file = errors
-    procs.append(proc)
+    procs.append(popen(command, env, cwd))
   return procs
+
+
+def popen(command, env, cwd=ROOT):
+  errors = tempfile.TemporaryFile(mode='w+')
+  proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors,
+                          text=True)
+  proc.stderr_file = errors
+  return proc
 
 
 def ours(out: str) -> str:
@@ -161,6 +165,31 @@ def test_process_flags_without_a_coordinator_do_not_train_alone(tmp_path):
   done = run_launch('--config=experiments/linear_regression.py:cpu', f'--workdir={tmp_path}',
                     '--num_processes=1', '--config.total_steps=2', env=env)
   assert done.returncode == 0 and 'learned parameters' in done.stdout, done.stderr[-2000:]
+
+
+def test_distributed_finds_a_slurm_job_s_processes(tmp_path):
+  """--distributed with SLURM's variables (as srun sets them; the coordinator on the first
+  node, at a port JAX derives from the job id) and no coordinator flags: the two processes
+  find each other and train over their 8 devices as one run."""
+  while True:  # a free port in the range JAX takes a SLURM job's from: 61440 + job id % 4096
+    with socket.socket() as s:
+      port = 61440 + int(np.random.randint(4096))
+      try:
+        s.bind(('127.0.0.1', port))
+        break
+      except OSError:
+        continue
+  procs = []
+  for i in range(2):
+    command, env = launch_command(*ARGS, '--config.total_steps=4', '--distributed',
+                                  f'--workdir={tmp_path / "run"}', mock_tfds=True)
+    env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4', SLURM_JOB_ID=str(port -
+               61440), SLURM_STEP_NODELIST='127.0.0.1', SLURM_NTASKS='2', SLURM_PROCID=str(i),
+               SLURM_LOCALID=str(i))
+    procs.append(popen(command, env))
+  outs = wait_all(procs)
+  assert '8 devices' in outs[0] and 'eval at step 4' in outs[0]
+  assert ours(outs[1]) == ''
 
 
 def test_a_process_whose_peers_never_join_says_what_it_waits_for(tmp_path):
