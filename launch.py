@@ -259,10 +259,26 @@ def run(argv):
     os._exit(130)  # pylint: disable=protected-access  (XLA's teardown can crash mid-compile)
   except DataError as e:  # the message says what to do; a traceback would only hide it
     sys.exit(f'DataError: {e}')
+  except jax.errors.JaxRuntimeError as e:
+    if not peer_lost(e):
+      raise
+    # Its traceback shows only where this process waited; the cause is in another's output.
+    sys.exit(f'Process {jax.process_index()} of {jax.process_count()} stopped waiting for the '
+             f'others ({str(e).splitlines()[0][:300]}): another process most likely stopped '
+             "before this point (its own output says why), or it ran on far longer.")
   except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     if not raised_here(e):  # from a library: its traceback is the way to the cause
       raise
     sys.exit(f'{type(e).__name__}: {e}')  # our checks name what to change
+
+
+def peer_lost(error: Exception) -> bool:
+  """Whether a JAX runtime error is one process of several timing out on the others (a
+  collective or the coordination service waited for a process that is gone or late)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  text = str(error)
+  return jax.process_count() > 1 and 'DEADLINE_EXCEEDED' in text and any(
+      marker in text for marker in ('Gloo', 'CoordinationService', 'barrier'))
 
 
 if __name__ == '__main__':

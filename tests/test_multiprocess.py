@@ -259,6 +259,18 @@ def test_a_workdir_one_process_cannot_write_stops_all_of_them(tmp_path):
   assert 'The workdir /proc/no_such_dir/run is not writable' in errors[1]
 
 
+def test_a_process_that_stops_early_is_named_as_the_cause_by_the_others(tmp_path):
+  """Process 1 cannot read its data (a path only its host lacks) and says so; process 0 waited
+  30 s at the next collective and printed 50 lines of traceback ending in 'Gloo context
+  initialization failed: DEADLINE_EXCEEDED', naming neither process 1 nor a cause."""
+  gpt = ['--config=experiments/gpt_small.py:cpu', '--config.total_steps=2',
+         '--config.data.max_bytes=100000', f'--workdir={tmp_path / "run"}']
+  errors = all_fail(start_processes(*gpt, own_args=[[], ['--config.data.source=/no/such.txt']]))
+  assert "config.data.source='/no/such.txt' is not a file" in errors[1]
+  assert 'Process 0 of 2 stopped waiting for the others (' in errors[0]
+  assert 'another process most likely stopped before this point' in errors[0]
+
+
 def test_processes_without_a_workdir_share_process_0_s_default(tmp_path):
   """The default runs/NAME-TIME was each host's own clock: processes launched in different
   seconds (here: in different time zones) wrote to different folders and Orbax hung."""
