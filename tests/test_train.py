@@ -175,6 +175,22 @@ def run_launch(*args, mock_tfds=False, env=None):
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def test_a_relaunch_takes_the_compiled_step_from_the_persistent_cache(tmp_path):
+  """launch.py turns JAX's persistent compilation cache on (in ~/.cache/research): the same
+  config in a new workdir (or a resume) loads its train and eval steps instead of compiling
+  them again."""
+  env = {'HOME': str(tmp_path), 'JAX_LOG_COMPILES': '1',
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}  # these steps compile in < 1 s
+  hits = []
+  for run in ('a', 'b'):
+    done = run_launch('--config=experiments/linear_regression.py:cpu', '--config.total_steps=2',
+                      f'--workdir={tmp_path / run}', env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    hits.append(re.findall(r"Persistent compilation cache hit for '(jit_\w+)'", done.stderr))
+  assert hits[0] == [] and {'jit_train_step', 'jit_eval_step'} <= set(hits[1])
+  assert os.listdir(tmp_path / '.cache' / 'research' / 'jax_compilation_cache')
+
+
 def test_launch_trains_resumes_and_evaluates(tmp_path):
   workdir = str(tmp_path / 'run')
   args = ['--config=experiments/linear_regression.py:cpu', f'--workdir={workdir}',
