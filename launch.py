@@ -231,8 +231,8 @@ def run(argv):
             'missing).' if FLAGS.workdir else ' (or the --workdir of a run to continue it).'))
   initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
-  # A relaunch of the same config (a resume, an eval) reuses compiled steps from this cache;
-  # a new learning rate or total_steps compiles anew (the schedule is a constant of the step).
+  # A relaunch (a resume, an eval, a new learning rate or total_steps: the schedule's numbers
+  # are inputs of the step) reuses compiled steps from this cache.
   jax.config.update('jax_compilation_cache_dir', os.environ.get(
       'JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/research/jax_compilation_cache')))
   if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:

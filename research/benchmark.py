@@ -121,14 +121,15 @@ class _Timed:
     self.state, _ = train.restore_or_init(self.exp)
     self.batch = self.exp.compiled.put_batch(next(self.exp.data.train_batches(0)))
     start = time.perf_counter()
-    self.step = self.exp.compiled.train_step.lower(self.state, self.batch, self.exp.rng).compile()
+    self.args = (self.exp.rng, self.exp.schedule_inputs)
+    self.step = self.exp.compiled.train_step.lower(self.state, self.batch, *self.args).compile()
     self.compile_s = time.perf_counter() - start
     self.metrics = None
 
   def __call__(self) -> float:
     """One step, waited for; its seconds."""
     start = time.perf_counter()
-    self.state, self.metrics = self.step(self.state, self.batch, self.exp.rng)
+    self.state, self.metrics = self.step(self.state, self.batch, *self.args)
     jax.block_until_ready(self.metrics)
     return time.perf_counter() - start
 

@@ -191,7 +191,7 @@ def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:
 class Compiled:
   """Steps compiled for one parallel mode, and how to move data in and out of them."""
   init_state: Callable[..., Any]   # (rng) -> state on the devices
-  train_step: Callable[..., Any]   # (state, batch, rng) -> (state, metrics)
+  train_step: Callable[..., Any]   # (state, batch, rng, schedule) -> (state, metrics)
   eval_step: Callable[..., Any]    # (state, batch) -> sums
   put_batch: Callable[[Any], Any]  # this process's numpy batch -> device arrays
   put_state: Callable[[Any], Any]  # a restored state -> the layout the steps use
@@ -239,7 +239,8 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
     options = compiler_options(cpu_compiler_options, mesh)
     return Compiled(
         init_state=jax.jit(_in_context(init_fn, mesh, rules), out_shardings=state_sharding),
-        train_step=jax.jit(train_step, in_shardings=(state_sharding, data, replicated),
+        train_step=jax.jit(train_step, in_shardings=(state_sharding, data, replicated,
+                                                     replicated),
                            out_shardings=(state_sharding, replicated), donate_argnums=0,
                            compiler_options=options),
         eval_step=jax.jit(eval_step, in_shardings=(state_sharding, data),
@@ -265,7 +266,7 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
     every_leaf = jax.tree.map(lambda _: replicated, state_sharding)
     return Compiled(
         init_state=jax.jit(init_fn, out_shardings=every_leaf),
-        train_step=jax.pmap(train_step, axis_name=PMAP_AXIS, in_axes=(0, 0, None),
+        train_step=jax.pmap(train_step, axis_name=PMAP_AXIS, in_axes=(0, 0, None, None),
                             donate_argnums=0, devices=devs),
         eval_step=jax.pmap(eval_step, axis_name=PMAP_AXIS, devices=devs),
         put_batch=lambda batch: jax.tree.map(shard, batch),

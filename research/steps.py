@@ -1,7 +1,7 @@
 """The pure training and evaluation steps.
 
-`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(state, batch) -> sums` are
-plain functions of arrays. `research.parallel` compiles them with `jax.jit` over a device mesh
+`train_step(state, batch, rng[, schedule]) -> (state, metrics)` and `eval_step(state, batch) ->
+sums` are plain functions of arrays. `research.parallel` compiles them with `jax.jit` over a device mesh
 (the default) or wraps them in `jax.pmap`; with `axis_name` set (pmap), gradients and metrics
 are averaged across devices with `lax.pmean`, which makes both give the same numbers.
 """
@@ -35,6 +35,14 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, rng, example_
   return nn.meta.unbox(state) if unbox else state
 
 
+def _schedule_count(opt_state):
+  """The step count of the optimizer's schedule (optax's ScaleByScheduleState), before this
+  update: the count optax evaluates a schedule at."""
+  is_count = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  (state,) = [x for x in jax.tree.leaves(opt_state, is_leaf=is_count) if is_count(x)]
+  return state.count
+
+
 def _apply(model, state, params, inputs, train, rng=None):
   """Runs the model; returns (outputs, updated model_state)."""
   variables = {'params': params, **state.model_state}
@@ -48,7 +56,8 @@ def _apply(model, state, params, inputs, train, rng=None):
 def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
                preprocess: Callable, num_classes: int = 0, label_smoothing: float = 0.0,
                grad_accum_steps: int = 1, concurrent_parts: int = 1,
-               skip_nonfinite: bool = False, axis_name: str | None = None):
+               skip_nonfinite: bool = False, axis_name: str | None = None,
+               learning_rate: Callable | None = None):
   """Builds (train_step, eval_step) for `loss` in {'cross_entropy', 'mse'}.
 
   num_classes > 0 adds accuracy to the metrics and a confusion matrix to evaluation.
@@ -65,6 +74,9 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
   state unchanged (except the step counter) and reports metrics['skipped'] = 1; the optimizer's
   own count (its schedule's step) is reported as metrics['updates']. Without it,
   metrics['finite'] says whether they were (the training loop stops at a 0).
+  learning_rate(schedule, count): for `tx` made with `unit_rate` (research/optim.py), the rate
+  its updates are scaled by at the optimizer's step `count`; `schedule` is then the train
+  step's fourth argument (`optim.schedule_inputs`), so that it is no constant of the step.
   """
   if loss == 'cross_entropy':
     per_example_loss = lambda out, y: metrics_lib.cross_entropy(out, y, label_smoothing)
@@ -87,7 +99,7 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
       metrics['accuracy'] = jnp.mean(jnp.argmax(outputs, -1) == targets)
     return grads, metrics, model_state
 
-  def train_step(state: TrainState, batch, rng):
+  def train_step(state: TrainState, batch, rng, schedule=None):
     rng = jax.random.fold_in(rng, state.step)
     if axis_name:  # different augmentation and dropout on each device
       rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
@@ -121,6 +133,9 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, *, loss: str,
 
     grads, metrics = mean(grads), mean(metrics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if learning_rate is not None:
+      rate = learning_rate(schedule, _schedule_count(state.opt_state))
+      updates = jax.tree.map(lambda u: u * rate.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
     # The parameters too: an update can overflow them from a finite loss and gradients. Leaf by

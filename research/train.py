@@ -6,6 +6,7 @@ the same data order (a pure function of seed and step) and the same dropout rand
 (`fold_in(seed, step)` inside the step).
 """
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -44,6 +45,7 @@ class Experiment:
   init_rng: jax.Array  # parameter initialisation
   rng: jax.Array       # folded with the step inside train_step (dropout, augmentation)
   num_classes: int
+  schedule_inputs: Any = None  # the train step's 4th argument: the learning rate's numbers
   flops_per_token: float = 0.0  # language models: training FLOPs per token, for MFU
   peak_flops: float = float('nan')  # of all devices together, for MFU
   learning_rates: Any = None  # step -> the schedule's value, on the host (for logging)
@@ -80,7 +82,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
       raise ValueError(f'config.data.seq_len={config.data.seq_len} is longer than the position '
                        f'table, config.model.block_size={config.model.block_size}.')
   model = models.build_model(config.model, **overrides)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  # The rate is applied in the step from inputs (not constants): a new learning rate or
+  # total_steps reuses the compiled step from the persistent cache (research/optim.py).
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps, unit_rate=True)
   preprocess = image.make_preprocess(config.data)
   example = jnp.zeros((1, *data.input_shape), data.input_dtype)
 
@@ -88,7 +92,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     return steps.make_steps(model, tx, loss=config.loss, preprocess=preprocess,
                             num_classes=num_classes, label_smoothing=config.label_smoothing,
                             grad_accum_steps=config.grad_accum_steps, concurrent_parts=parts,
-                            skip_nonfinite=config.nonfinite == 'skip', axis_name=axis_name)
+                            skip_nonfinite=config.nonfinite == 'skip', axis_name=axis_name,
+                            learning_rate=functools.partial(optim.learning_rate,
+                                                            config.optimizer.schedule))
 
   init_rng, rng = jax.random.split(jax.random.key(config.seed))
   boxed = jax.eval_shape(lambda r: steps.init_state(model, tx, r, example, unbox=False), init_rng)
@@ -100,7 +106,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   abstract = jax.eval_shape(compiled.init_state, init_rng)
   checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), config.keep_checkpoints)
   ckpt = checkpoint.manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
-  return Experiment(config, data, model, schedule, compiled, ckpt, init_rng, rng, num_classes)
+  inputs = jax.tree.map(jnp.asarray, optim.schedule_inputs(config.optimizer, config.total_steps))
+  return Experiment(config, data, model, schedule, compiled, ckpt, init_rng, rng, num_classes,
+                    schedule_inputs=inputs)
 
 
 def restore_or_init(exp: Experiment):
@@ -419,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for step in range(start, config.total_steps):
       batch = exp.compiled.put_batch(next(train_iter))
       try:
-        state, metrics = exp.compiled.train_step(state, batch, exp.rng)
+        state, metrics = exp.compiled.train_step(state, batch, exp.rng, exp.schedule_inputs)
         if step == start:  # the one sync outside logging: report the compilation time
           jax.block_until_ready(metrics)
       except jax.errors.JaxRuntimeError as e:
@@ -538,7 +546,7 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # eval_shape cannot trace with several processes).
   batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
   start = time.perf_counter()
-  step = exp.compiled.train_step.lower(stepped, batch, exp.rng).compile()
+  step = exp.compiled.train_step.lower(stepped, batch, exp.rng, exp.schedule_inputs).compile()
   compile_s = time.perf_counter() - start
   memory = step.memory_analysis()
   cost = step.cost_analysis()

@@ -49,6 +49,63 @@ def test_piecewise_schedule_drops_at_fractions(warmup):
     np.testing.assert_allclose(schedule(step), lr, rtol=1e-6, err_msg=f'step {step}')
 
 
+SCHEDULES = [dict(learning_rate=0.3), dict(learning_rate=0.3, warmup_steps=10),
+             dict(learning_rate=6e-4, min_learning_rate=6e-5, schedule='warmup_cosine',
+                  warmup_steps=20),
+             dict(learning_rate=1e-3, min_learning_rate=1e-4, schedule='warmup_cosine'),
+             dict(learning_rate=0.1, schedule='piecewise', warmup_steps=5,
+                  boundaries=(0.5, 0.75), scales=(0.1, 0.5))]
+
+
+def optax_schedule(c, total_steps):
+  """The same schedules composed from optax's own (the trainer's before they became inputs)."""
+  lr, warmup = c.learning_rate, c.warmup_steps
+  main = {'constant': lambda: optax.constant_schedule(lr),
+          'warmup_cosine': lambda: optax.cosine_decay_schedule(
+              lr, max(total_steps - warmup, 1), alpha=c.min_learning_rate / lr),
+          'piecewise': lambda: optax.piecewise_constant_schedule(
+              lr, {int(b * total_steps) - warmup: s for b, s in zip(c.boundaries, c.scales)})
+          }[c.schedule]()
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup]) if (
+      warmup) else main
+
+
+@pytest.mark.parametrize('overrides', SCHEDULES)
+def test_schedule_from_inputs_is_optax_s(overrides):
+  """The rate the compiled step computes from its schedule inputs (traced, as there) against
+  optax's schedules, over the run and past its end."""
+  c, total = opt_config(**overrides), 200
+  counts = jnp.arange(total + 20)
+  want = jax.vmap(optax_schedule(c, total))(counts)
+  got = jax.jit(jax.vmap(lambda inputs, count: optim.learning_rate(c.schedule, inputs, count),
+                         in_axes=(None, 0)))(optim.schedule_inputs(c, total), counts)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize('name', ['adamw', 'sgd', 'adam'])
+def test_unit_rate_optimizer_scaled_in_the_step_is_the_scheduled_one(name):
+  """The trainer's optimizer (unit rate, its updates scaled by the rate from the inputs in
+  the step) against optax's with the schedule inside, over a warm-up and a cosine decay."""
+  c = opt_config(name=name, learning_rate=0.1, min_learning_rate=0.01, weight_decay=0.1,
+                 momentum=0.9, schedule='warmup_cosine', warmup_steps=3)
+  x, y, w = quadratic_problem()
+  loss = lambda p: 0.5 * jnp.mean(jnp.sum((x @ p['kernel'] - y) ** 2, -1))
+  scheduled, _ = optim.make_optimizer(c, total_steps=10)
+  unit, _ = optim.make_optimizer(c, total_steps=10, unit_rate=True)
+  inputs = optim.schedule_inputs(c, 10)
+  a = b = {'kernel': jnp.asarray(w)}
+  state_a, state_b = scheduled.init(a), unit.init(b)
+  assert jax.tree.structure(state_a) == jax.tree.structure(state_b)  # checkpoints still load
+  for count in range(12):
+    updates, state_a = scheduled.update(jax.grad(loss)(a), state_a, a)
+    a = optax.apply_updates(a, updates)
+    updates, state_b = unit.update(jax.grad(loss)(b), state_b, b)
+    rate = optim.learning_rate(c.schedule, inputs, count)
+    b = optax.apply_updates(b, jax.tree.map(lambda u: u * rate, updates))
+  assert not np.allclose(a['kernel'], w)
+  np.testing.assert_allclose(b['kernel'], a['kernel'], rtol=1e-6)
+
+
 def test_decay_mask_excludes_vectors():
   model = models.build_model(config.model_config('resnet', stage_sizes=(1, 1), width=4))
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']

@@ -23,7 +23,7 @@ def one_step(config, workdir):
   exp = train.setup(config, workdir)
   state, _ = train.restore_or_init(exp)
   batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
-  state, metrics = exp.compiled.train_step(state, batch, exp.rng)
+  state, metrics = exp.compiled.train_step(state, batch, exp.rng, exp.schedule_inputs)
   metrics = jax.device_get(exp.compiled.get_metrics(metrics))
   return metrics, jax.device_get(exp.compiled.get_state(state))
 
@@ -124,7 +124,8 @@ def test_micro_batches_are_split_where_the_batch_already_is(tmp_path):
   exp = train.setup(config, str(tmp_path))
   state, _ = train.restore_or_init(exp)
   batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
-  hlo = exp.compiled.train_step.lower(state, batch, exp.rng).compile().as_text()
+  hlo = exp.compiled.train_step.lower(state, batch, exp.rng,
+                                      exp.schedule_inputs).compile().as_text()
   ops = r' (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\('
   assert set(re.findall(ops, hlo)) == {'all-reduce'}
 
@@ -273,8 +274,9 @@ def test_cpu_compiler_options_reach_the_compiled_step_and_keep_its_numbers(tmp_p
     exp = train.setup(config, str(tmp_path / name))
     state, _ = train.restore_or_init(exp)
     batch = exp.compiled.put_batch(next(exp.data.train_batches(0)))
-    hlo = exp.compiled.train_step.lower(state, batch, exp.rng).compile().as_text()
-    _, metrics = exp.compiled.train_step(state, batch, exp.rng)
+    hlo = exp.compiled.train_step.lower(state, batch, exp.rng,
+                                      exp.schedule_inputs).compile().as_text()
+    _, metrics = exp.compiled.train_step(state, batch, exp.rng, exp.schedule_inputs)
     results[name] = ('__ynn_fusion' in hlo, float(jax.device_get(metrics['loss'])))
   assert results['default'][0] and not results['eigen'][0]
   np.testing.assert_allclose(results['eigen'][1], results['default'][1], rtol=1e-5)

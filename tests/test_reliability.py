@@ -486,10 +486,10 @@ def test_a_first_step_out_of_memory_names_the_settings_that_shrink_it(
     def setup_failing(config, workdir):
       exp = setup(config, workdir)
       real, calls = exp.compiled.train_step, []
-      def step(state, batch, rng):
+      def step(state, batch, *args):
         calls.append(1)
         if len(calls) <= at_step:
-          return real(state, batch, rng)
+          return real(state, batch, *args)
         if when == 'call' or at_step:  # later steps are not waited for: raised at once
           raise jax.errors.JaxRuntimeError(error)
         return state, {'loss': _FailsWhenWaitedFor(error)}

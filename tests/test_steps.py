@@ -200,3 +200,27 @@ def test_skip_mode_reports_the_optimizer_update_count():
     reported.append((int(metrics['updates']), float(metrics['skipped'])))
   assert reported == [(1, 0.0), (1, 1.0), (2, 0.0), (3, 0.0), (3, 1.0)]
   assert int(state.step) == 5
+
+
+def test_the_rate_from_schedule_inputs_follows_the_optimizer_s_count():
+  """The trainer's step: a unit-rate optimizer whose updates the step scales by the rate of
+  the optimizer's own count (with nonfinite=skip, skipped steps do not advance it), from
+  inputs passed in. The same parameters as optax's optimizer with the schedule inside."""
+  model = models.build_model(config.model_config('mlp', hidden_sizes=(16,), num_outputs=3))
+  c = config.defaults().optimizer
+  c.name, c.learning_rate, c.schedule, c.warmup_steps = 'adamw', 0.05, 'warmup_cosine', 2
+  preprocess = image.make_preprocess(config.defaults().data)
+  finals = []
+  for unit in (False, True):
+    tx, _ = optim.make_optimizer(c, total_steps=8, unit_rate=unit)
+    train_step, _ = steps.make_steps(
+        model, tx, loss='cross_entropy', preprocess=preprocess, num_classes=3,
+        skip_nonfinite=True, learning_rate=(
+            lambda inputs, count: optim.learning_rate(c.schedule, inputs, count)) if unit else None)
+    train_step = jax.jit(train_step)
+    state = steps.init_state(model, tx, jax.random.key(0), jnp.zeros((1, 5)))
+    batch = classification_batch()
+    for b in (batch, nonfinite_batch(batch), batch, batch, batch, batch):
+      state, _ = train_step(state, b, jax.random.key(1), optim.schedule_inputs(c, 8))
+    finals.append(state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), *finals)

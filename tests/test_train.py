@@ -178,16 +178,19 @@ def run_launch(*args, mock_tfds=False, env=None):
 def test_a_relaunch_takes_the_compiled_step_from_the_persistent_cache(tmp_path):
   """launch.py turns JAX's persistent compilation cache on (in ~/.cache/research): the same
   config in a new workdir (or a resume) loads its train and eval steps instead of compiling
-  them again."""
+  them again; so does one with another learning rate, warm-up and length (the schedule's
+  numbers are inputs of the step: they were constants in it, and each such run compiled)."""
   env = {'HOME': str(tmp_path), 'JAX_LOG_COMPILES': '1',
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}  # these steps compile in < 1 s
   hits = []
-  for run in ('a', 'b'):
-    done = run_launch('--config=experiments/linear_regression.py:cpu', '--config.total_steps=2',
-                      f'--workdir={tmp_path / run}', env=env)
+  for run, steps, rate in (('a', 2, 0.1), ('b', 2, 0.1), ('c', 3, 0.05)):
+    done = run_launch('--config=experiments/linear_regression.py:cpu',
+                      f'--config.total_steps={steps}', f'--config.optimizer.learning_rate={rate}',
+                      '--config.optimizer.warmup_steps=1', f'--workdir={tmp_path / run}', env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     hits.append(re.findall(r"Persistent compilation cache hit for '(jit_\w+)'", done.stderr))
   assert hits[0] == [] and {'jit_train_step', 'jit_eval_step'} <= set(hits[1])
+  assert 'jit_train_step' in hits[2]
   assert os.listdir(tmp_path / '.cache' / 'research' / 'jax_compilation_cache')
 
 
@@ -482,7 +485,8 @@ def test_config_label_smoothing_reaches_the_compiled_train_step(tmp_path, grad_a
   nll = -log_probs[np.arange(len(labels)), labels]
   smoothed = 0.9 * nll - 0.1 * log_probs.mean(-1)  # 0.1 spread over the 10 classes
   assert abs(smoothed.mean() - nll.mean()) > 1e-3  # the two losses are told apart
-  _, metrics = exp.compiled.train_step(state, exp.compiled.put_batch(batch), exp.rng)
+  _, metrics = exp.compiled.train_step(state, exp.compiled.put_batch(batch), exp.rng,
+                                        exp.schedule_inputs)
   np.testing.assert_allclose(float(metrics['loss']), smoothed.mean(), rtol=1e-5)
 
 
@@ -494,7 +498,8 @@ def test_config_grad_accum_steps_reaches_the_compiled_train_step(tmp_path, grad_
   compiled step; without it there is no loop and the rows are never split."""
   exp, state, batch = _setup_mnist_mlp(tmp_path, grad_accum_steps=grad_accum_steps,
                                        batch_size=32)
-  hlo = exp.compiled.train_step.lower(state, exp.compiled.put_batch(batch), exp.rng).as_text()
+  hlo = exp.compiled.train_step.lower(state, exp.compiled.put_batch(batch), exp.rng,
+                                      exp.schedule_inputs).as_text()
   assert ('stablehlo.while' in hlo) == (grad_accum_steps > 1)
   micro = f'tensor<{grad_accum_steps}x{32 // grad_accum_steps}x28x28x1x'
   assert (micro in hlo) == (grad_accum_steps > 1), micro
