@@ -1,9 +1,10 @@
 """The pure training and evaluation steps.
 
 `train_step(state, batch, rng[, schedule]) -> (state, metrics)` and `eval_step(state, batch) ->
-sums` are plain functions of arrays. `research.parallel` compiles them with `jax.jit` over a device mesh
-(the default) or wraps them in `jax.pmap`; with `axis_name` set (pmap), gradients and metrics
-are averaged across devices with `lax.pmean`, which makes both give the same numbers.
+sums` are plain functions of arrays. `research.parallel` compiles them with `jax.jit` over a
+device mesh (the default) or wraps them in `jax.pmap`; with `axis_name` set (pmap), gradients
+and metrics are averaged across devices with `lax.pmean`, which makes both give the same
+numbers.
 """
 from typing import Any, Callable
 
