@@ -49,10 +49,16 @@ def popen(command, env, cwd=ROOT):
   return proc
 
 
+# Gloo's connection line, in the pieces its C++ threads print it in.
+GLOO = re.compile(r'\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. ?'
+                  r'|Expected number of connected peer ranks is : \d+')
+
+
 def ours(out: str) -> str:
-  """A process's own stdout: without Gloo's connection lines (printed from C++ threads, at times
-  run together with their newlines after them: CI once saw a stray '\\n') or blank lines."""
-  out = re.sub(r'\[Gloo\][^\n\[]*', '', out)
+  """A process's own stdout: without Gloo's connection lines or blank lines. Several threads
+  print those lines at once, each in pieces, so pieces of two run together (CI saw a stray
+  '\\n', then a line's second half alone on a line)."""
+  out = GLOO.sub('', out)
   return ''.join(line for line in out.splitlines(True) if line.strip())
 
 
