@@ -49,17 +49,22 @@ def popen(command, env, cwd=ROOT):
   return proc
 
 
-# Gloo's connection line, in the pieces its C++ threads print it in.
-GLOO = re.compile(r'\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. ?'
-                  r'|Expected number of connected peer ranks is : \d+')
+# The words of Gloo's connection line ('[Gloo] Rank 0 is connected to 7 peer ranks. Expected
+# number of connected peer ranks is : 7'), which its C++ threads print piece by piece.
+GLOO_WORDS = ('[Gloo]', 'Rank', 'is connected to', 'peer ranks.',
+              'Expected number of connected peer ranks is :')
 
 
 def ours(out: str) -> str:
-  """A process's own stdout: without Gloo's connection lines or blank lines. Several threads
-  print those lines at once, each in pieces, so pieces of two run together (CI saw a stray
-  '\\n', then a line's second half alone on a line)."""
-  out = GLOO.sub('', out)
-  return ''.join(line for line in out.splitlines(True) if line.strip())
+  """A process's own stdout: without Gloo's lines or blank lines. Several threads print those
+  lines at once, in pieces that run together (CI saw a stray '\\n', then a line's second half
+  alone), so a line that is nothing but Gloo's words and numbers is Gloo's. (Ours are printed
+  whole, between them.)"""
+  def is_gloo(line):
+    for words in GLOO_WORDS:
+      line = line.replace(words, '')
+    return not line.strip(' \n0123456789')
+  return ''.join(line for line in out.splitlines(True) if not is_gloo(line))
 
 
 def wait_all(procs):
