@@ -39,7 +39,7 @@ def schedule_inputs(opt_config, total_steps: int) -> dict[str, np.ndarray]:
 def learning_rate(name: str, inputs, count):
   """Schedule `name`'s rate at optimizer step `count`, from `schedule_inputs` (arrays or
   tracers): optax's linear warm-up joined to its cosine decay, piecewise constant or constant
-  schedule, written over those inputs with the same operations."""
+  schedule, written over those inputs."""
   peak, warmup = inputs['peak'], inputs['warmup']
 
   def main(step):  # the schedule after the warm-up, from its own step 0
@@ -47,7 +47,7 @@ def learning_rate(name: str, inputs, count):
       decay_steps = inputs['decay_steps']
       step = jnp.minimum(step, decay_steps)
       cosine_decay = 0.5 * (1 + jnp.cos(jnp.pi * step / decay_steps))
-      return peak * (inputs['one_minus_alpha'] * cosine_decay ** 1.0 + inputs['alpha'])
+      return peak * (inputs['one_minus_alpha'] * cosine_decay + inputs['alpha'])
     if name == 'piecewise':
       value = peak
       for i in range(inputs['boundaries'].shape[0]):
@@ -57,7 +57,7 @@ def learning_rate(name: str, inputs, count):
     return peak * jnp.ones_like(step, jnp.float32)
 
   frac = 1 - jnp.clip(count, 0, warmup) / jnp.maximum(warmup, 1)
-  warming = (0.0 - peak) * frac ** 1 + peak
+  warming = peak - peak * frac
   return jnp.where(count < warmup, warming, main(count - warmup))
 
 
