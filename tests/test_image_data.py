@@ -3,6 +3,8 @@ padding), TFDS on mocked data and its error messages, and on-device preprocessin
 import gzip
 import pathlib
 import struct
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +172,25 @@ def test_prefetch_starts_at_step():
   got = [targets(next(it)) for _ in range(4)]
   assert got == [targets(ds[s]) for s in range(5, 9)]
   assert got[0] != targets(ds[0])
+
+
+def test_prefetch_reads_ahead_in_background_threads():
+  """While the loop works on one batch, the next ones are read by grain's threads: after one
+  batch is taken, batches after it are made without being asked for, off the calling thread."""
+  made = []  # (target of the batch's first row, thread) per batch made
+  def record(batch):
+    made.append((int(batch['targets'][0]), threading.get_ident()))
+    return batch
+  ds = image.train_batches(toy_source(40), 4, seed=2)
+  it = image.prefetch(ds.map(record), start=5, threads=2, buffer=4)
+  first = next(it)
+  deadline = time.monotonic() + 30  # a bound on the wait, not a timing: usually milliseconds
+  while len(made) < 3 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert len(made) >= 3, made  # the first batch and at least two more, made ahead
+  assert {target for target, _ in made} >= {targets(ds[s])[0] for s in (5, 6, 7)}
+  assert threading.get_ident() not in {thread for _, thread in made}
+  assert targets(first) == targets(ds[5])
 
 
 def test_empty_split_raises(mnist_dir):

@@ -2,6 +2,8 @@
 import functools
 import itertools
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -83,6 +85,24 @@ def test_batch_is_a_pure_function_of_seed_and_step():
   # The prefetching iterator yields the same batches, from any start step.
   for step, batch in zip(itertools.count(5), itertools.islice(a.iterate(start_step=5), 3)):
     np.testing.assert_array_equal(batch['inputs'], a.batch(step)['inputs'])
+
+
+def test_train_batches_are_made_ahead_in_a_background_thread():
+  """After the loop takes batch 5, batches 6 and 7 are made without being asked for, off the
+  calling thread (the loop does not wait for its next batch)."""
+  dataset = text.LMDataset(np.arange(10_000, dtype=np.int32), seq_len=16, batch_size=8, seed=0)
+  made, make = [], dataset.batch
+  def recorded(step):
+    made.append((step, threading.get_ident()))
+    return make(step)
+  dataset.batch = recorded
+  it = dataset.iterate(start_step=5, prefetch=2)
+  np.testing.assert_array_equal(next(it)['inputs'], make(5)['inputs'])
+  deadline = time.monotonic() + 30  # a bound on the wait, not a timing: usually milliseconds
+  while len(made) < 3 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert [step for step, _ in made[:3]] == [5, 6, 7], made
+  assert threading.get_ident() not in {thread for _, thread in made}
 
 
 @pytest.mark.parametrize('process_count', [2, 4])

@@ -13,6 +13,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
+from research import checkpoint
 from research import parallel
 from research import train
 from research.data import image
@@ -472,6 +473,45 @@ def test_metrics_are_written_without_waiting_for_the_step_in_flight(tmp_path):
   (record,) = read_metrics(tmp_path)
   assert record['loss'] == 1.0 and record['grad_norm'] == 2.0
   assert record['learning_rate'] == pytest.approx(float(schedule(2)))  # of the window's last step
+
+
+def test_the_loop_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
+  """Saves are asynchronous: step 2's checkpoint is held unfinished (one more commit future of
+  Orbax's, waiting for an event) until the loop has dispatched step 4. A loop that waited for
+  the save would not get there: the hold gives up after 60 s and the test fails."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  released, outcome = threading.Event(), []
+
+  class Held:  # what Orbax's background thread waits on before it finalises the checkpoint
+    def result(self, timeout=None):  # pylint: disable=unused-argument
+      outcome.append(released.wait(60))
+
+  original = ocp.StandardCheckpointHandler.async_save
+  async def async_save(self, *args, **kwargs):
+    futures = list(await original(self, *args, **kwargs) or [])
+    return futures + [Held()] if not outcome and not released.is_set() else futures
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, 'async_save', async_save)
+
+  setup, pending_at_step_4 = train.setup, []
+  def counting_setup(*args, **kwargs):
+    exp = setup(*args, **kwargs)
+    step, calls = exp.compiled.train_step, [0]
+    def counted(*step_args):
+      calls[0] += 1
+      if calls[0] == 4:  # step 2's checkpoint still unfinished: only Orbax's temporary folder
+        pending_at_step_4.append(sorted(os.listdir(tmp_path / 'checkpoints')))
+        released.set()
+      return step(*step_args)
+    exp.compiled.train_step = counted
+    return exp
+  monkeypatch.setattr(train, 'setup', counting_setup)
+  config = cpu_config('linear_regression', total_steps=6, checkpoint_every_steps=2,
+                      eval_every_steps=6)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert outcome == [True]  # released by the loop's step 4, not by the 60 s
+  assert pending_at_step_4 and '2' not in pending_at_step_4[0], pending_at_step_4
+  assert checkpoint.manager(str(tmp_path), 3, 2).all_steps() == [2, 4, 6]
 
 
 def _setup_mnist_mlp(tmp_path, **overrides):
