@@ -24,11 +24,14 @@ from research import train
 from tests.conftest import ROOT
 from tests.test_train import cpu_config, final_params, launch_command, read_metrics, run_launch
 
+STEPS = 150  # the interruption comes at step 20: a margin of seconds on a busy machine
+
+
 def launch_args(workdir):
   """mnist_mlp with dropout and a cosine schedule: resume must restore rng and schedule."""
   return ['--config=experiments/mnist_mlp.py:cpu', f'--workdir={workdir}',
-          '--config.total_steps=400', '--config.batch_size=16', '--config.log_every_steps=1',
-          '--config.eval_every_steps=200', '--config.checkpoint_every_steps=10',
+          f'--config.total_steps={STEPS}', '--config.batch_size=16', '--config.log_every_steps=1',
+          f'--config.eval_every_steps={STEPS // 2}', '--config.checkpoint_every_steps=10',
           '--config.optimizer.schedule=warmup_cosine', '--config.optimizer.warmup_steps=5']
 
 
@@ -77,7 +80,7 @@ def test_sigkill_then_relaunch_is_bitwise_identical(tmp_path, uninterrupted):
   code, _ = interrupt_at_step_20(workdir, signal.SIGKILL)
   assert code == -signal.SIGKILL
   saved = checkpoint.manager(workdir, 3, 10).latest_step()
-  assert saved is not None and saved < 400  # it really was interrupted mid-run
+  assert saved is not None and saved < STEPS  # it really was interrupted mid-run
   resumed = run_launch(*launch_args(workdir), mock_tfds=True)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'resuming from step {saved}' in resumed.stdout
@@ -96,7 +99,7 @@ def test_sigterm_and_ctrl_c_save_at_a_step_boundary(tmp_path, uninterrupted, sig
   code, out = interrupt_at_step_20(workdir, sig)
   assert code == status
   stopped = int(out.split(f'{label}: saved step ')[1].split()[0])
-  assert 20 <= stopped < 400
+  assert 20 <= stopped < STEPS
   assert checkpoint.manager(workdir, 3, 10).latest_step() == stopped
   resumed = run_launch(*launch_args(workdir), mock_tfds=True)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
