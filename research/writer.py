@@ -1,6 +1,7 @@
 """Where metrics go: the console, WORKDIR/metrics.jsonl and TensorBoard event files."""
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -19,8 +20,7 @@ class MetricWriter:
     self._tb = self._summary_writer()
 
   def _summary_writer(self, purge_step=None):
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    return SummaryWriter(self._tb_dir, flush_secs=30, purge_step=purge_step)
+    return _tensorboardx().SummaryWriter(self._tb_dir, flush_secs=30, purge_step=purge_step)
 
   def write(self, step: int, split: str, metrics: dict, tags: dict | None = None):
     """`tags`: strings that go into the metrics.jsonl record only (e.g. the eval split)."""
@@ -66,6 +66,22 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _tensorboardx():
+  """tensorboardX, imported without PyTorch: it imports torch where one is installed, only to
+  accept torch tensors (we give it floats), which cost every launch 2.8 s on a 2-core CPU
+  (torch 2.13; a third of a small run's start-up) and a JAX process torch's threads. A torch
+  already imported is left as it is."""
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX expects
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
 
 
 def progress_line(step: int, total: int, metrics: dict, seconds_per_step: float) -> str:
