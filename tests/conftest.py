@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / 'shared' / 'data'
 
 
-def pytest_configure(config):  # pylint: disable=unused-argument
+def pytest_configure(config):
   """Many tests compile the same small steps again (a GPT of the same shapes, built anew): this
   process loads them from a cache of its own, as launch.py does from ~/.cache/research (a
   measured 41 loads saved 62 s of compilation in four of the test files). Only this process:

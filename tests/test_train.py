@@ -41,6 +41,24 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+def after_each_train_step(on_step, patch=setattr):
+  """Has each train step of the runs train.setup builds from now on call `on_step(number of
+  steps run so far)` once it returns; `patch`: how train.setup is replaced (monkeypatch.setattr
+  in a test, setattr in a subprocess of its own)."""
+  setup = train.setup
+  def counting_setup(*args, **kwargs):
+    exp = setup(*args, **kwargs)
+    step, calls = exp.compiled.train_step, [0]
+    def counted(*step_args):
+      out = step(*step_args)
+      calls[0] += 1
+      on_step(calls[0])
+      return out
+    exp.compiled.train_step = counted
+    return exp
+  patch(train, 'setup', counting_setup)
+
+
 @pytest.mark.parametrize('name', EXPERIMENTS)
 def test_every_experiment_trains_and_evaluates(name, tmp_path):
   with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -417,19 +435,10 @@ import jax
 from tests.test_train import cpu_config
 from research import train
 assert not jax.config.read('jax_cpu_enable_async_dispatch')
-finished = [0]
+from tests.test_train import after_each_train_step
+finished = [0]  # steps run: a step returns once it has run (dispatch waits)
 train.time = types.SimpleNamespace(time=lambda: float(finished[0]), perf_counter=time.perf_counter)
-setup = train.setup
-def counting_setup(*args, **kwargs):
-  exp = setup(*args, **kwargs)
-  step = exp.compiled.train_step
-  def counted(*step_args):
-    out = step(*step_args)  # returns once the step has run: dispatch waits
-    finished[0] += 1
-    return out
-  exp.compiled.train_step = counted
-  return exp
-train.setup = counting_setup
+after_each_train_step(lambda n: finished.__setitem__(0, n))
 config = cpu_config('gpt_small', total_steps=9, log_every_steps=2, eval_every_steps=9,
                     checkpoint_every_steps=9, max_eval_batches=1,
                     **{{'model.n_layer': 1, 'sample.max_new_tokens': 0, 'data.max_bytes': 300_000,
@@ -477,7 +486,7 @@ def test_metrics_are_written_without_waiting_for_the_step_in_flight(tmp_path):
 
 def test_the_loop_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
   """Saves are asynchronous: step 2's checkpoint is held unfinished (one more commit future of
-  Orbax's, waiting for an event) until the loop has dispatched step 4. A loop that waited for
+  Orbax's, waiting for an event) until the loop has run step 4. A loop that waited for
   the save would not get there: the hold gives up after 60 s and the test fails."""
   import threading  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -488,24 +497,17 @@ def test_the_loop_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
       outcome.append(released.wait(60))
 
   original = ocp.StandardCheckpointHandler.async_save
-  async def async_save(self, *args, **kwargs):
+  async def async_save(self, *args, **kwargs):  # holds the saves made before the release
     futures = list(await original(self, *args, **kwargs) or [])
-    return futures + [Held()] if not outcome and not released.is_set() else futures
+    return futures if released.is_set() else futures + [Held()]
   monkeypatch.setattr(ocp.StandardCheckpointHandler, 'async_save', async_save)
 
-  setup, pending_at_step_4 = train.setup, []
-  def counting_setup(*args, **kwargs):
-    exp = setup(*args, **kwargs)
-    step, calls = exp.compiled.train_step, [0]
-    def counted(*step_args):
-      calls[0] += 1
-      if calls[0] == 4:  # step 2's checkpoint still unfinished: only Orbax's temporary folder
-        pending_at_step_4.append(sorted(os.listdir(tmp_path / 'checkpoints')))
-        released.set()
-      return step(*step_args)
-    exp.compiled.train_step = counted
-    return exp
-  monkeypatch.setattr(train, 'setup', counting_setup)
+  pending_at_step_4 = []
+  def after_step(n):
+    if n == 4:  # step 2's checkpoint still unfinished: only Orbax's temporary folder
+      pending_at_step_4.append(sorted(os.listdir(tmp_path / 'checkpoints')))
+      released.set()
+  after_each_train_step(after_step, monkeypatch.setattr)
   config = cpu_config('linear_regression', total_steps=6, checkpoint_every_steps=2,
                       eval_every_steps=6)
   train.train_and_evaluate(config, str(tmp_path))
