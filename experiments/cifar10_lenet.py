@@ -23,6 +23,7 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.eval_every_steps = steps_per_epoch
   c.checkpoint_every_steps = steps_per_epoch
+  c.model.dtype = 'auto'  # bfloat16 activations on GPUs and TPUs, float32 on CPUs
   c.data.name = 'cifar10'
   c.data.mean, c.data.std = CIFAR_MEAN, CIFAR_STD
   c.optimizer.name = 'adam'

@@ -23,6 +23,7 @@ def get_config(arg=None):
   c.eval_every_steps = 5 * steps_per_epoch
   c.checkpoint_every_steps = steps_per_epoch
   c.label_smoothing = 0.1
+  c.model.dtype = 'auto'  # bfloat16 activations on GPUs and TPUs, float32 on CPUs
   c.data.name = 'cifar10'
   c.data.mean, c.data.std = CIFAR_MEAN, CIFAR_STD
   c.data.crop_padding, c.data.random_flip = 4, True

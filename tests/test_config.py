@@ -4,6 +4,8 @@ import importlib
 import pathlib
 
 from absl import flags
+import jax
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import pytest
@@ -50,6 +52,21 @@ def test_cpu_variant_is_smaller(name):
   full, cpu = experiment(name), experiment(name, 'cpu')
   assert cpu.total_steps < full.total_steps
   assert cpu.total_steps * cpu.batch_size < full.total_steps * full.batch_size
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_accelerators_compute_in_bfloat16_except_in_the_tiny_models(name, monkeypatch):
+  """bf16 activations with float32 parameters on GPUs and TPUs; float32 in the CPU variants.
+  The MLP and the linear regression stay float32 everywhere: their matmuls are too small for
+  bf16 to pay, and float32 keeps their numbers (a fitted slope to three digits) the same on
+  every device."""
+  float32_everywhere = {'mnist_mlp', 'linear_regression'}
+  for backend in ('gpu', 'tpu', 'cpu'):
+    monkeypatch.setattr(jax, 'default_backend', lambda backend=backend: backend)
+    model = models.build_model(config.resolve(experiment(name, 'cpu' if backend == 'cpu' else
+                                                         None)).model)
+    want = 'float32' if backend == 'cpu' or name in float32_everywhere else 'bfloat16'
+    assert (jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)) == (want, 'float32'), backend
 
 
 def test_resolve_fills_defaults():
