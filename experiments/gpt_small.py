@@ -2,7 +2,7 @@
 
   python launch.py --config=experiments/gpt_small.py          # accelerators
   python launch.py --config=experiments/gpt_small.py --mode=compile   # fits? (memory, FLOPs)
-  python launch.py --config=experiments/gpt_small.py:cpu      # 17-25 s on a 2-core CPU
+  python launch.py --config=experiments/gpt_small.py:cpu      # 17-44 s on a 2-core CPU
   python launch.py --config=experiments/gpt_small.py:nano     # the nano model of the benchmark
   python launch.py --mode=sample --workdir=runs/... --prompt="def "
 
@@ -21,7 +21,10 @@ step, 439k tokens/s, 38% MFU, 46 GB peak memory; nanoGPT's model with torch.comp
 same kind of card: 432k tokens/s (BENCHMARKS.md).
 Measured (2-core CPU, 2026-11-26): `:cpu` (2 layers, 128 wide, 462K parameters, 300 steps of
 16 x 128 bytes) takes 17-25 s for the whole command (47-54k tokens/s while training) and
-reaches a validation loss of 2.18 nats per byte (uniform: 5.55).
+reaches a validation loss of 2.18 nats per byte (uniform: 5.55). On 2026-11-27, the same
+machine kind in a slow hour: 32-34 s warm, 42 s with nothing cached, in a fresh virtual
+environment from requirements.txt (24-30k tokens/s; the code of 2026-11-26, alternated with
+today's, took 41-44 s then: the machine, not the code, was slower).
 Several devices: --config.parallel.mesh.fsdp=8 (and .data, .tensor); see README.md.
 """
 from research import config as config_lib
