@@ -1,6 +1,5 @@
 """Tests of research.data.tokenizers: exact round trips, save/load, the BPE cache, errors."""
 import os
-import time
 
 import numpy as np
 import pytest
@@ -103,9 +102,7 @@ def test_bpe_cache_is_hit(tmp_path, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError('the cached BPE model was retrained')
   monkeypatch.setattr(tokenizers, 'train_bpe', no_training)
-  start = time.perf_counter()
   second = tokenizers.build_tokenizer('bpe', SOURCE_TEXT, vocab_size=400, cache_dir=cache)
-  assert time.perf_counter() - start < 1.0
   np.testing.assert_array_equal(second.encode(SOURCE_TEXT), first.encode(SOURCE_TEXT))
   # Another vocab_size (or text) is another key, so it trains.
   with pytest.raises(AssertionError, match='retrained'):
