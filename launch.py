@@ -160,13 +160,17 @@ def raised_here(error: BaseException) -> bool:
 
 def holds_results(workdir: str) -> bool:
   """Whether `workdir` holds anything a run wrote: a metric, a checkpoint (even a partial one)
-  or any other file but an empty metrics.jsonl and TensorBoard's event files (no metric then)."""
+  or any other file but an empty metrics.jsonl, TensorBoard's event files (no metric then) and
+  what a launch writes after its first step (config.json, the tokenizer: the command line
+  makes them again)."""
   metrics = os.path.join(workdir, 'metrics.jsonl')
   if os.path.exists(metrics) and os.path.getsize(metrics):
     return True
   for folder, _, files in os.walk(workdir):
-    ignored = {'metrics.jsonl'} if folder == workdir else set()
-    if folder != os.path.join(workdir, 'tensorboard') and set(files) - ignored:
+    if folder in (os.path.join(workdir, 'tensorboard'), os.path.join(workdir, 'tokenizer')):
+      continue
+    if set(files) - ({'metrics.jsonl', 'config.json', 'config.json.tmp'} if folder == workdir
+                     else set()):
       return True
   return False
 

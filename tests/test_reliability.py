@@ -450,9 +450,15 @@ def test_missing_experiment_file_is_reported(tmp_path):
   assert 'no_such_experiment.py' in result.stderr
 
 
-def test_a_launch_refused_at_start_up_leaves_no_new_workdir(tmp_path):
+def test_a_launch_that_fails_before_a_result_leaves_no_new_workdir(tmp_path):
   """A setting refused after the workdir was made (here a missing init_from run, found once the
-  writers are open) removed the folder this launch made; one that was there is left."""
+  writers are open) removed the folder this launch made; one that was there is left. So does a
+  run that goes non-finite before its first metric or checkpoint (after config.json)."""
+  diverged = tmp_path / 'diverged'
+  result = run_launch('--config=experiments/linear_regression.py:cpu',
+                      '--config.optimizer.learning_rate=1e30', f'--workdir={diverged}')
+  assert result.returncode != 0 and 'No checkpoint was saved before it' in result.stderr
+  assert not diverged.exists()
   args = ['--config=experiments/linear_regression.py:cpu',
           f'--config.init_from={tmp_path / "nowhere"}']
   new = tmp_path / 'new'
