@@ -111,6 +111,9 @@ def compile_step(config, workdir: str):
             'on the device.') if r['device_memory_bytes'] else '.'))
   if r['device_memory_bytes'] and peak > r['device_memory_bytes']:
     print(f"It does not fit. {r['ways_to_fit']}")
+  elif r['device_memory_bytes']:
+    print(f"It fits, with {gb(r['device_memory_bytes'] - peak)} left for what comes on top (the "
+          'prefetched batches, the eval step).')
   print(f"FLOPs: {r['flops_per_step']:.3g} in one device's program as XLA counts them (a loop "
         'body, micro-batches or scanned layers, once)'
         + (f"; the whole step as MFU counts it: {r['model_flops_per_step']:.3g}."

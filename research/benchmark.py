@@ -70,6 +70,7 @@ from research import metrics as metrics_lib
 from research import parallel
 from research import profiling
 from research import train
+from research.data.image import DataError
 from research.models import transformer
 
 config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.py[:ARG].',
@@ -272,20 +273,24 @@ def main(argv):
       sys.exit(str(e))
     print(json.dumps({**result, 'overrides': overrides}))
     return
-  with mock_data(FLAGS.config) if FLAGS.mock_data else contextlib.nullcontext():
-    if FLAGS.config_b is not None:
-      if FLAGS.compile_only or FLAGS.steps < 1:
-        raise app.UsageError('--config_b needs --steps >= 1 and no --compile_only.')
-      label = lambda flag: ' '.join([flags.FLAGS[flag].config_filename, *override_flags(
-          config_flags.get_override_values(flags.FLAGS[flag]), flag)])  # what A and B differ in
-      result = run_ab(FLAGS.config, FLAGS.config_b, FLAGS.steps, FLAGS.warmup,
-                      (label('config'), label('config_b')))
-    elif FLAGS.compile_only:
-      result = compile_only(FLAGS.config, name)
-    else:
-      result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name, FLAGS.profile_dir)
-    if FLAGS.config_b is None:  # --config_b's labels hold them
-      result['overrides'] = overrides  # the command line's --config.KEY=VALUE, as given
+  try:
+    with mock_data(FLAGS.config) if FLAGS.mock_data else contextlib.nullcontext():
+      if FLAGS.config_b is not None:
+        if FLAGS.compile_only or FLAGS.steps < 1:
+          raise app.UsageError('--config_b needs --steps >= 1 and no --compile_only.')
+        label = lambda flag: ' '.join([flags.FLAGS[flag].config_filename, *override_flags(
+            config_flags.get_override_values(flags.FLAGS[flag]), flag)])  # what A and B differ in
+        result = run_ab(FLAGS.config, FLAGS.config_b, FLAGS.steps, FLAGS.warmup,
+                        (label('config'), label('config_b')))
+      elif FLAGS.compile_only:
+        result = compile_only(FLAGS.config, name)
+      else:
+        result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name, FLAGS.profile_dir)
+      if FLAGS.config_b is None:  # --config_b's labels hold them
+        result['overrides'] = overrides  # the command line's --config.KEY=VALUE, as given
+  except DataError as e:  # the message says what to do (as launch.py): no traceback
+    sys.exit(f'DataError: {e}' + (' (Or benchmark on made-up examples of its shapes: '
+                                  '--mock_data.)' if 'TFDS' in str(e) else ''))
   print(json.dumps(result))
 
 

@@ -77,6 +77,19 @@ def test_a_failing_reference_shows_its_command_and_output():
   assert 'research.torch_reference' in done.stderr and 'no_such_flag' in done.stderr
 
 
+def test_a_dataset_that_is_not_there_is_said_in_a_few_lines(tmp_path):
+  """As launch.py says it (a DataError naming the dataset, its folder and how to prepare it),
+  with the benchmark's own way round: --mock_data."""
+  done = subprocess.run(
+      [sys.executable, '-m', 'research.benchmark', '--config=experiments/cifar10_lenet.py',
+       f'--config.data.data_dir={tmp_path}', '--config.data.download=False', '--steps=1'],
+      capture_output=True, text=True, check=False, timeout=600)
+  assert done.returncode == 1
+  assert "DataError: TFDS dataset 'cifar10' is not prepared" in done.stderr, done.stderr[-3000:]
+  assert 'tfds build cifar10' in done.stderr and '--mock_data' in done.stderr
+  assert 'Traceback' not in done.stderr and len(done.stderr.splitlines()) < 10, done.stderr
+
+
 @needs_torch
 def test_image_models_run_on_mock_data_against_their_reference():
   # No CIFAR-10 on disk here: --mock_data stands in for it (TFDS's mock data), in our process.

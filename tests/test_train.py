@@ -615,6 +615,7 @@ def test_launch_compile_mode_gives_the_step_s_memory_and_flops_without_a_run(tmp
     assert limit == pytest.approx(ram / devices, rel=0.01)  # simulated devices share the RAM
     fits = name != 'huge'
     assert (peak <= limit) == fits and ('It does not fit' in done.stdout) == (not fits)
+    assert ('It fits, with ' in done.stdout) == fits
     assert re.search(r'FLOPs: [\d.e+]+ in one device.*the whole step as MFU counts it: '
                      r'[\d.e+]+\.', done.stdout)
     assert not workdir.exists()
