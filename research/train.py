@@ -285,8 +285,8 @@ def _log_config_changes(writer, workdir, config, step):
   after = float(optim.make_schedule(config.optimizer, config.total_steps)(step))
   if not np.isclose(before, after, rtol=1e-6, atol=0):
     writer.log(f'WARNING: the learning rate at step {step} is now {after:.3g}, not {before:.3g}: '
-               'the schedule is laid out over total_steps (a finished cosine run relaunched with '
-               'more steps goes back up). To go on at the old rate instead: '
+               'the schedule is laid out over total_steps (e.g. a finished cosine run '
+               'relaunched with more steps goes back up). To go on at the old rate instead: '
                f'--config.optimizer.schedule=constant --config.optimizer.learning_rate={before:.3g}'
                '.')
 
