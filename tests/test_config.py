@@ -57,9 +57,8 @@ def test_cpu_variant_is_smaller(name):
 @pytest.mark.parametrize('name', EXPERIMENTS)
 def test_accelerators_compute_in_bfloat16_except_in_the_tiny_models(name, monkeypatch):
   """bf16 activations with float32 parameters on GPUs and TPUs; float32 in the CPU variants.
-  The MLP and the linear regression stay float32 everywhere: their matmuls are too small for
-  bf16 to pay, and float32 keeps their numbers (a fitted slope to three digits) the same on
-  every device."""
+  The MLP and the linear regression stay float32 everywhere, so that their numbers (a fitted
+  slope to three digits) are the same on every device."""
   float32_everywhere = {'mnist_mlp', 'linear_regression'}
   for backend in ('gpu', 'tpu', 'cpu'):
     monkeypatch.setattr(jax, 'default_backend', lambda backend=backend: backend)
