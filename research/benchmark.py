@@ -134,6 +134,10 @@ class _Timed:
     jax.block_until_ready(self.metrics)
     return time.perf_counter() - start
 
+  def num_params(self) -> int:
+    params = self.exp.compiled.get_state(self.state).params
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
   def check_loss(self):
     if not np.isfinite(float(jax.device_get(self.metrics['loss']))):
       raise FloatingPointError('The benchmarked steps produced a non-finite loss.')
@@ -157,7 +161,7 @@ def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None
           profile_dir, timed.step.as_text(), PROFILE_STEPS):
         print(f'{ms:9.2f} {100 * share:5.1f}% {count:4d}  {operation}')
     params = timed.exp.compiled.get_state(timed.state).params
-    num_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    num_params = timed.num_params()
     step_s = statistics.median(times)
     result = {'examples_per_sec': config.batch_size / step_s}
     seq_len = config.data.seq_len if config.data.name == 'text' else None
@@ -194,6 +198,7 @@ def run_ab(config_a, config_b, steps: int, warmup: int, names: tuple[str, str]) 
           'b_step_ms': 1000 * statistics.median(t for _, t in pairs),
           'b_over_a': statistics.median(tb / ta for ta, tb in pairs),
           'b_faster_share': sum(tb < ta for ta, tb in pairs) / len(pairs), 'pairs': len(pairs),
+          'a_params': a.num_params(), 'b_params': b.num_params(),  # which model each side ran
           'device_kind': jax.devices()[0].device_kind,
           'device_count': len(parallel.devices(config_a.parallel.num_devices)),
           'config': names[0], 'config_b': names[1]}
