@@ -240,8 +240,8 @@ def run(argv):
   import jax  # pylint: disable=g-import-not-at-top
   # A relaunch (a resume, an eval, a new learning rate or total_steps: the schedule's numbers
   # are inputs of the step) reuses compiled steps from this cache.
-  jax.config.update('jax_compilation_cache_dir', os.environ.get(
-      'JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/research/jax_compilation_cache')))
+  jax.config.update('jax_compilation_cache_dir', os.environ.get('JAX_COMPILATION_CACHE_DIR') or
+                    os.path.expanduser('~/.cache/research/jax_compilation_cache'))
   if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   if not FLAGS['verbosity'].present:  # Orbax logs every save at INFO; --verbosity=0 shows it

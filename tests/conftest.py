@@ -19,12 +19,16 @@ SHARED_DATA = ROOT.parent / 'shared' / 'data'
 def pytest_configure(config):
   """Many tests compile the same small steps again (a GPT of the same shapes, built anew): this
   process loads them from a cache of its own, as launch.py does from ~/.cache/research (a
-  measured 41 loads saved 62 s of compilation in four of the test files). Only this process:
-  launch.py's subprocesses keep their own cache, which a test of that cache relies on."""
+  measured 41 loads saved 62 s of compilation in four of the test files). The launch.py and
+  benchmark subprocesses that tests start share a second one (JAX_COMPILATION_CACHE_DIR), so
+  that tests neither fill the user's ~/.cache/research nor write one cache from two pytest-xdist
+  workers at once (JAX writes an entry in place, not atomically)."""
   folder = tempfile.mkdtemp(prefix='research-tests-jax-cache-')
   config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
   jax.config.update('jax_compilation_cache_dir', folder)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(folder, 'subprocesses')
 
 
 @pytest.fixture

@@ -199,7 +199,8 @@ def test_a_relaunch_takes_the_compiled_step_from_the_persistent_cache(tmp_path):
   config in a new workdir (or a resume) loads its train and eval steps instead of compiling
   them again; so does one with another learning rate, warm-up and length (the schedule's
   numbers are inputs of the step: they were constants in it, and each such run compiled)."""
-  env = {'HOME': str(tmp_path), 'JAX_LOG_COMPILES': '1',
+  env = {'HOME': str(tmp_path), 'JAX_LOG_COMPILES': '1',  # the default folder, under HOME:
+         'JAX_COMPILATION_CACHE_DIR': '',  # (conftest.py sets one for the tests' launches)
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}  # these steps compile in < 1 s
   hits = []
   for run, steps, rate in (('a', 2, 0.1), ('b', 2, 0.1), ('c', 3, 0.05)):
