@@ -46,6 +46,9 @@ flags.DEFINE_integer('num_processes', None, 'Other clusters: the number of proce
 flags.DEFINE_integer('process_id', None, 'Other clusters: this process, 0 .. num_processes-1.')
 flags.DEFINE_integer('distributed_timeout', 300, 'Several processes: seconds to wait for all of '
                      'them to join before giving up.', lower_bound=1)
+flags.DEFINE_integer('heartbeat_timeout', 100, 'Several processes: seconds without a heartbeat '
+                     'from a process (killed, its host lost) before the others abort.',
+                     lower_bound=1)
 FLAGS = flags.FLAGS
 
 
@@ -140,7 +143,8 @@ def initialize_distributed():
   try:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-                               initialization_timeout=FLAGS.distributed_timeout)
+                               initialization_timeout=FLAGS.distributed_timeout,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
   except ValueError as e:  # e.g. no cluster detected and no --coordinator_address
     raise app.UsageError(f'Several processes: {e} Outside Cloud TPU and SLURM pass all of '
                          '--coordinator_address=HOST:PORT, --num_processes and --process_id.')

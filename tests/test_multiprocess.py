@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -150,6 +151,33 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert f'resuming from step {stopped}' in outs[0] and f'eval at step {end}' in outs[0]
   outs = wait_all(start_processes(*ARGS, *short, f'--workdir={workdir}'))
   assert f'already finished ({end} of {end} steps)' in outs[0] and 'eval at' not in outs[0]
+
+
+def test_a_process_killed_outright_stops_the_others_and_the_run_resumes(tmp_path):
+  """kill -9 gives process 1 no chance to say anything: process 0 learns of it from JAX's
+  missed heartbeats (--heartbeat_timeout; with the default 100 s it aborted after 77-90 s), then both
+  relaunched resume from the newest complete checkpoint."""
+  workdir = str(tmp_path / 'run')
+  procs = start_processes(*ARGS, '--config.total_steps=2000', '--config.eval_every_steps=2000',
+                          '--config.checkpoint_every_steps=10', '--heartbeat_timeout=10',
+                          f'--workdir={workdir}')
+  for line in procs[0].stdout:
+    if line.startswith('step 25/'):
+      procs[1].kill()
+      killed = time.monotonic()
+      break
+  procs[0].communicate(timeout=120)
+  waited = time.monotonic() - killed
+  procs[0].stderr_file.seek(0)
+  errors = procs[0].stderr_file.read()
+  assert procs[0].returncode != 0 and 'stopped sending heartbeats' in errors, errors[-2000:]
+  assert waited < 60, waited  # the flag's 10 s, not JAX's default 100 s
+  from research import checkpoint  # pylint: disable=g-import-not-at-top
+  saved = checkpoint.manager(workdir, 3, 10).all_steps()
+  assert saved and 10 <= max(saved) <= 2000, saved
+  end = max(saved) + 3
+  outs = wait_all(start_processes(*ARGS, f'--config.total_steps={end}', f'--workdir={workdir}'))
+  assert f'resuming from step {max(saved)}' in outs[0] and f'step {end}/{end}' in outs[0]
 
 
 def test_a_mesh_that_splits_no_rows_over_processes_is_refused(tmp_path):
