@@ -155,8 +155,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
 def test_a_process_killed_outright_stops_the_others_and_the_run_resumes(tmp_path):
   """kill -9 gives process 1 no chance to say anything: process 0 learns of it from JAX's
-  missed heartbeats (--heartbeat_timeout; with the default 100 s it aborted after 77-90 s), then both
-  relaunched resume from the newest complete checkpoint."""
+  missed heartbeats (--heartbeat_timeout; with the default 100 s it aborted after 77-90 s),
+  then both relaunched resume from the newest complete checkpoint."""
   workdir = str(tmp_path / 'run')
   procs = start_processes(*ARGS, '--config.total_steps=2000', '--config.eval_every_steps=2000',
                           '--config.checkpoint_every_steps=10', '--heartbeat_timeout=10',
