@@ -184,11 +184,13 @@ def test_prefetch_reads_ahead_in_background_threads():
   ds = image.train_batches(toy_source(40), 4, seed=2)
   it = image.prefetch(ds.map(record), start=5, threads=2, buffer=4)
   first = next(it)
-  deadline = time.monotonic() + 30  # a bound on the wait, not a timing: usually milliseconds
-  while len(made) < 3 and time.monotonic() < deadline:
+  # The first batch and the next two, made ahead (in any order: two threads; a run here saw
+  # batch 8 finished before batch 6). The deadline bounds the wait; it is not a timing.
+  ahead = {targets(ds[s])[0] for s in (5, 6, 7)}
+  deadline = time.monotonic() + 30
+  while not {target for target, _ in made} >= ahead and time.monotonic() < deadline:
     time.sleep(0.01)
-  assert len(made) >= 3, made  # the first batch and at least two more, made ahead
-  assert {target for target, _ in made} >= {targets(ds[s])[0] for s in (5, 6, 7)}
+  assert {target for target, _ in made} >= ahead, made
   assert threading.get_ident() not in {thread for _, thread in made}
   assert targets(first) == targets(ds[5])
 
