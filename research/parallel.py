@@ -204,7 +204,8 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
   """`config.parallel.cpu_compiler_options` ('name=value,...') as XLA compile options for the
   jitted steps when the mesh is all CPUs (nothing on accelerators), less any option that
   XLA_FLAGS also sets: the environment wins. true / false (any case) are booleans. An XLA
-  option that does not exist, or a bad value, is an error when the step compiles that names it."""
+  option that does not exist, or a bad value, is refused here, by compiling a one-line program
+  with the options (not at the first step, in a traceback)."""
   options = {}
   for item in filter(None, (part.strip() for part in spec.split(','))):
     name, sep, value = item.partition('=')
@@ -216,7 +217,14 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
   if not all_cpu(mesh):
     return {}
   flags = os.environ.get('XLA_FLAGS', '')
-  return {name: value for name, value in options.items() if f'--{name}=' not in flags}
+  options = {name: value for name, value in options.items() if f'--{name}=' not in flags}
+  if options:
+    try:
+      jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError as e:  # e.g. "No such compile option: 'xla_cpu_nope'"
+      raise ValueError(f'config.parallel.cpu_compiler_options={spec!r}: XLA refuses it: '
+                       f'{str(e).splitlines()[0]}') from None
+  return options
 
 
 def _in_context(fn, mesh, rules):

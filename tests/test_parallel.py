@@ -294,6 +294,12 @@ def test_cpu_compiler_options_parsing(monkeypatch):
       'xla_cpu_multi_thread_eigen': False}  # XLA takes no 'false' string for a bool option
   with pytest.raises(ValueError, match="'fast_math' is not name=value"):
     parallel.compiler_options('a=1,fast_math', mesh)
+  # Refused when the step is built, not at its first step in a JaxRuntimeError's traceback.
+  with pytest.raises(ValueError, match=r"cpu_compiler_options='xla_cpu_nope=1': XLA refuses it: "
+                     r".*No such compile option: 'xla_cpu_nope'"):
+    parallel.compiler_options('xla_cpu_nope=1', mesh)
+  with pytest.raises(ValueError, match="XLA refuses it: .*'abc' is not a valid int32 value"):
+    parallel.compiler_options('xla_cpu_prefer_vector_width=abc', mesh)
   assert parallel.compiler_options(spec, GpuMesh()) == {}  # CPU options only for CPU meshes
 
 
