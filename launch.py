@@ -11,7 +11,6 @@
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
 hostmem.keep_freed_memory()
 import contextlib
-import dis
 import os
 import shutil
 import sys
@@ -150,21 +149,6 @@ def initialize_distributed():
                          '--coordinator_address=HOST:PORT, --num_processes and --process_id.')
 
 
-def raised_here(error: BaseException) -> bool:
-  """Whether `error` comes from a `raise` statement of this repository's own code (its input
-  checks), not from a library or from an operation that failed in our code (an unpacking, a
-  reshape), whose traceback is the way to the cause."""
-  tb = error.__traceback__
-  while tb.tb_next is not None:
-    tb = tb.tb_next
-  here = os.path.dirname(os.path.abspath(__file__))
-  code = tb.tb_frame.f_code
-  path = os.path.abspath(code.co_filename)
-  ours = any(path.startswith(os.path.join(here, part) + os.sep)
-             for part in ('research', 'experiments'))
-  return ours and dis.opname[code.co_code[tb.tb_lasti]] == 'RAISE_VARARGS'
-
-
 def holds_results(workdir: str) -> bool:
   """Whether `workdir` holds anything a run wrote: a metric, a checkpoint (even a partial one)
   or any other file but an empty metrics.jsonl, TensorBoard's event files (no metric then) and
@@ -278,7 +262,7 @@ def run(argv):
              f'others ({str(e).splitlines()[0][:300]}): another process most likely stopped '
              "before this point (its own output says why), or it ran on far longer.")
   except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
-    if not raised_here(e):  # from a library: its traceback is the way to the cause
+    if not cli.raised_here(e):  # from a library: its traceback is the way to the cause
       raise
     sys.exit(f'{type(e).__name__}: {e}')  # our checks name what to change
 

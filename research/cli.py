@@ -3,6 +3,7 @@
 Light on purpose (absl only), so that launch.py's --help stays fast.
 """
 import difflib
+import dis
 import glob
 import importlib.util
 import os
@@ -117,3 +118,18 @@ def parse_flags(argv):
              f'does not have: {key}. An override can only change keys the experiment file '
              "sets (research/config.py lists the common ones; a model's fields are in its "
              'module).')
+
+
+def raised_here(error: BaseException) -> bool:
+  """Whether `error` comes from a `raise` statement of this repository's own code (its input
+  checks), not from a library or from an operation that failed in our code (an unpacking, a
+  reshape), whose traceback is the way to the cause."""
+  tb = error.__traceback__
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+  code = tb.tb_frame.f_code
+  path = os.path.abspath(code.co_filename)
+  ours = any(path.startswith(os.path.join(here, part) + os.sep)
+             for part in ('research', 'experiments'))
+  return ours and dis.opname[code.co_code[tb.tb_lasti]] == 'RAISE_VARARGS'

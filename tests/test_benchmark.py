@@ -155,6 +155,13 @@ def test_an_override_of_config_b_is_named_with_its_flag():
           'config_b.model.n_layer') in done.stderr
 
 
+def test_a_setting_our_checks_refuse_is_one_line():
+  done = benchmark('--config.model.n_head=5')  # was a 20-line traceback before the message
+  assert done.returncode != 0 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines() == [
+      'ValueError: config.model.n_embd=128 must be divisible by config.model.n_head=5.']
+
+
 def test_an_override_of_a_key_the_experiment_lacks_is_named():
   done = benchmark('--config.model.dropoutrate=0.1')  # shared with launch.py (research/cli.py)
   assert done.returncode != 0 and 'Traceback' not in done.stderr

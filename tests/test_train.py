@@ -307,11 +307,11 @@ def test_launch_usage_mistakes_are_one_line(tmp_path):
 
 
 def test_only_our_own_raise_statements_lose_their_traceback():
-  # launch.py prints our checks' errors as one line; an error of an operation in our code (an
-  # unpacking) or raised elsewhere keeps its traceback. In a fresh interpreter: launch.py
-  # defines absl flags.
+  # launch.py (and the benchmark) print our checks' errors as one line; an error of an
+  # operation in our code (an unpacking) or raised elsewhere keeps its traceback.
   code = """
-import os, launch
+import os
+from research import cli
 def errors(filename):
   namespace = {}
   exec(compile('def check():\\n  raise ValueError(\\"x\\")\\n'
@@ -321,7 +321,7 @@ def errors(filename):
     try:
       namespace[name]()
     except ValueError as e:
-      found.append(launch.raised_here(e))
+      found.append(cli.raised_here(e))
   return found
 print(errors(os.path.abspath('research/not_a_file.py')), errors('/elsewhere/lib.py'))
 """
