@@ -176,15 +176,17 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f'config.nonfinite={resolved.nonfinite!r}: use stop or skip.')
   get = lambda key: functools.reduce(lambda node, part: node[part], key.split('.'), resolved)
   for key in ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-              'batch_size', 'grad_accum_steps', 'parallel.cpu_batch_parts',
+              'batch_size', 'grad_accum_steps', 'parallel.cpu_batch_parts', 'data.seq_len',
               'keep_checkpoints'):  # 0 would have Orbax delete every checkpoint, old ones too
     value = get(key)
     if not isinstance(value, int) or value < 1:
       raise ValueError(f'config.{key} must be a positive integer, got {value!r}.')
-  for key in ('max_eval_batches', 'eval_batch_size', 'parallel.num_devices'):  # 0: the default
+  for key, zero in (('max_eval_batches', 'the whole eval split'), ('eval_batch_size', 'batch_size'),
+                    ('parallel.num_devices', 'every device'), ('data.max_bytes', 'all the text'),
+                    ('data.crop_padding', 'no crop')):
     value = get(key)
     if not isinstance(value, int) or value < 0:
-      raise ValueError(f'config.{key} must be 0 (the default) or a positive integer, got '
+      raise ValueError(f'config.{key} must be 0 ({zero}) or a positive integer, got '
                        f'{value!r}.')
   for key, low, high in RANGES:
     if key == 'model.dropout_rate' and 'dropout_rate' not in resolved.model:
@@ -196,11 +198,42 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       allowed = (f'>= {low}' if high == math.inf else
                  f'in [{low}, {high}{"]" if closed else ")"}')
       raise ValueError(f'config.{key} must be a number {allowed}, got {value!r}.')
+  _check_normalisation(resolved.data)
+  _check_piecewise(resolved.optimizer)
   if resolved.data.vocab_size and resolved.data.tokenizer != 'bpe':
     raise ValueError(f'config.data.vocab_size={resolved.data.vocab_size} is the size of a bpe '
                      f'vocabulary to learn; tokenizer {resolved.data.tokenizer!r} has its own: '
                      'leave it at 0.')
   return resolved
+
+
+def _numbers(value) -> bool:
+  return isinstance(value, (tuple, list)) and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+def _check_normalisation(data):
+  """Images are (x - mean) / std per channel: one positive std per mean."""
+  mean, std = data.mean, data.std
+  if not _numbers(mean) or not _numbers(std) or len(mean) != len(std) or not mean:
+    raise ValueError(f'config.data.mean={mean!r} and config.data.std={std!r} must be tuples of '
+                     'numbers, one of each per image channel (e.g. (0.5,) and (0.25,)).')
+  if min(std) <= 0:
+    raise ValueError(f'config.data.std={std!r}: images are divided by it, so each must be > 0.')
+
+
+def _check_piecewise(optimizer):
+  """piecewise: the rate is multiplied by scales[i] at boundaries[i] * total_steps."""
+  boundaries, scales = optimizer.boundaries, optimizer.scales
+  if optimizer.schedule != 'piecewise':
+    return
+  if (not _numbers(boundaries) or not _numbers(scales) or len(boundaries) != len(scales)
+      or any(not 0 < b < 1 for b in boundaries) or list(boundaries) != sorted(boundaries)
+      or min(scales, default=0) < 0):
+    raise ValueError(
+        f'config.optimizer.boundaries={boundaries!r} with scales={scales!r}: boundaries are '
+        'increasing fractions of total_steps in (0, 1) (e.g. (0.5, 0.75), not step numbers), '
+        'each with a scale >= 0 that multiplies the rate from there on (e.g. (0.1, 0.1)).')
 
 
 # Number keys and their allowed ranges [low, high): values outside would train without error

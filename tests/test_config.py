@@ -127,7 +127,7 @@ def test_missing_required_key(key):
 
 
 @pytest.mark.parametrize('key', ['total_steps', 'batch_size', 'grad_accum_steps',
-                                 'parallel.cpu_batch_parts'])
+                                 'parallel.cpu_batch_parts', 'data.seq_len'])
 def test_non_positive_counts_rejected(key):
   d = mnist_mlp_dict()
   node, leaf = parent_of(d, key)
@@ -150,6 +150,57 @@ def test_numbers_out_of_range_rejected(key, bad, good):
   node[leaf] = bad
   with pytest.raises(ValueError, match=rf'config\.{key} must be a number (>=|in)'):
     config.resolve(ml_collections.ConfigDict(d))
+
+
+@pytest.mark.parametrize('key', ['data.max_bytes', 'data.crop_padding'])
+def test_negative_sizes_rejected(key):
+  """max_bytes=-1 trained on one file less a byte; crop_padding=-1 failed inside JAX."""
+  d = mnist_mlp_dict()
+  node, leaf = parent_of(d, key)
+  node[leaf] = 0
+  config.resolve(ml_collections.ConfigDict(d))
+  node[leaf] = -1
+  with pytest.raises(ValueError, match=rf'config\.{key} must be 0 \(.+\) or a positive integer'):
+    config.resolve(ml_collections.ConfigDict(d))
+
+
+@pytest.mark.parametrize('mean, std, message', [
+    ((0.1,), (0.0,), 'each must be > 0'),  # trained to NaN, advised a lower learning rate
+    ((0.1, 0.2), (1.0,), 'one of each per image channel'),
+    ((0.1,), ('a',), 'tuples of numbers')])
+def test_bad_image_normalisation_rejected(mean, std, message):
+  d = mnist_mlp_dict()
+  d['data']['mean'], d['data']['std'] = mean, std
+  with pytest.raises(ValueError, match=message):
+    config.resolve(ml_collections.ConfigDict(d))
+
+
+@pytest.mark.parametrize('boundaries, scales', [
+    ((2, 3), (0.1, 0.1)),          # step numbers: the rate never dropped
+    ((0.9, 0.2), (0.1, 0.1)),      # out of order
+    ((0.5, 0.75), (0.1,)),         # a boundary without a scale was dropped silently
+    ((0.5,), (-1.0,))])            # a negative rate ascends the loss
+def test_bad_piecewise_schedule_rejected(boundaries, scales):
+  d = mnist_mlp_dict()
+  d['optimizer']['schedule'] = 'piecewise'
+  d['optimizer']['boundaries'], d['optimizer']['scales'] = (0.5, 0.75), (0.1, 0.1)
+  config.resolve(ml_collections.ConfigDict(d))
+  d['optimizer']['boundaries'], d['optimizer']['scales'] = boundaries, scales
+  with pytest.raises(ValueError, match='increasing fractions of total_steps'):
+    config.resolve(ml_collections.ConfigDict(d))
+  d['optimizer']['schedule'] = 'constant'  # read only by the piecewise schedule
+  config.resolve(ml_collections.ConfigDict(d))
+
+
+@pytest.mark.parametrize('key, value', [('dtype', 'float8'), ('dtype', 'int32'),
+                                        ('param_dtype', 'auto')])
+def test_model_dtypes_other_than_floats_rejected(key, value):
+  d = mnist_mlp_dict()
+  d['model'][key] = value
+  with pytest.raises(ValueError, match=rf"config\.model\.{key}='{value}': use float32"):
+    config.resolve(ml_collections.ConfigDict(d))
+  d['model'][key] = 'bfloat16'
+  config.resolve(ml_collections.ConfigDict(d))
 
 
 def test_parse_arg():

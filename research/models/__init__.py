@@ -85,9 +85,21 @@ def check_config(model_config, extra=()):
           f'config.model.{key} is not a field of model {model_config.name!r}'
           + (f' (did you mean config.model.{hint[0]}?)' if hint else '')
           + f'; its fields are {fields}.')
+  for key, value in {**model_config, **dict(extra)}.items():
+    if key.endswith('dtype') and not (value == 'auto' and key == 'dtype' or _float_dtype(value)):
+      raise ValueError(f'config.model.{key}={value!r}: use float32, bfloat16 or float16'
+                       + (" (or 'auto': bfloat16 on GPUs/TPUs, float32 on CPUs)."
+                          if key == 'dtype' else '.'))
   check = getattr(model_class(model_config.name), 'check_fields', None)
   if check:  # the model's own checks of its field values (e.g. heads dividing the width)
     check({**{k: v for k, v in model_config.items() if k != 'name'}, **dict(extra)})
+
+
+def _float_dtype(value) -> bool:
+  try:
+    return jnp.dtype(value).name in ('float32', 'bfloat16', 'float16')
+  except TypeError:  # not a dtype at all ('float8', 3)
+    return False
 
 
 def auto_dtype() -> str:
