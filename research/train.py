@@ -81,6 +81,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
     if config.model.block_size < config.data.seq_len:
       raise ValueError(f'config.data.seq_len={config.data.seq_len} is longer than the position '
                        f'table, config.model.block_size={config.model.block_size}.')
+  channels = data.input_shape[-1] if len(data.input_shape) == 3 else None  # images: H, W, C
+  if channels and {len(config.data.mean), len(config.data.std)} - {1, channels}:
+    raise ValueError(f'config.data.mean={tuple(config.data.mean)} and config.data.std='
+                     f'{tuple(config.data.std)}: the images of {config.data.name!r} have '
+                     f'{channels} channel(s); give one value per channel (or one for all).')
   model = models.build_model(config.model, **overrides)
   # The rate is applied in the step from inputs (not constants): a new learning rate or
   # total_steps reuses the compiled step from the persistent cache (research/optim.py).

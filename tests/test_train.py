@@ -144,6 +144,18 @@ def no_compilation(monkeypatch):
   monkeypatch.setattr(parallel, 'compile_steps', fail)
 
 
+@pytest.mark.parametrize('mean, std', [((0.1, 0.2, 0.3), (1.0, 1.0, 1.0)),
+                                       ((0.1, 0.2), (1.0, 2.0))])
+def test_a_normalisation_for_other_channels_fails_before_compilation(tmp_path, no_compilation,
+                                                                     mean, std):
+  """Three means for MNIST's one channel made three-channel images: Flax's ScopeParamShapeError
+  inside the first step."""
+  config = cpu_config('mnist_cnn', **{'data.mean': mean, 'data.std': std})
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(ValueError, match=r"the images of 'mnist' have 1 channel\(s\)"):
+      train.setup(config, str(tmp_path))
+
+
 def test_unknown_config_key_fails_before_compilation(tmp_path, no_compilation):
   config = cpu_config('mnist_cnn')
   with config.unlocked():
