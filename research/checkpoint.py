@@ -237,20 +237,34 @@ def restore_params(workdir: str, devices=None, hint: str = ''):
   else:
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ('replica',)),
                                           jax.sharding.PartitionSpec())
-  with ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler()) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {directory}{hint}.')
+  def read(mngr, step):
     metadata = mngr.item_metadata(step)
     metadata = getattr(metadata, 'tree', metadata)
+    if not metadata or 'params' not in metadata:
+      raise ValueError('its metadata (the list of its arrays) is missing or holds no params')
     is_array = lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype')
     target = {'params': jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if is_array(m) else m,
         metadata['params'], is_leaf=is_array)}
-    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
+    return mngr.restore(step, args=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
-  return restored['params']
+        partial_restore=True))['params']
+
+  with ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler()) as mngr:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f'No checkpoint in {directory}{hint}.')
+    errors = []
+    for step in steps:  # the newest that loads; a damaged one is left where it is (read only)
+      params, error = _read_quietly(lambda: read(mngr, step))  # pylint: disable=cell-var-from-loop
+      if error is None:
+        if errors:
+          print(f'WARNING: using the checkpoint of step {step}: newer ones could not be loaded '
+                f'({"; ".join(errors)}).', file=sys.stderr, flush=True)
+        return params
+      errors.append(f'{directory}/{step}: {error}')
+  raise RuntimeError('No checkpoint could be loaded' + (hint if hint.startswith(' (') else '')
+                     + ': ' + '; '.join(errors) + '.')
 
 
 def load_params(workdir: str):

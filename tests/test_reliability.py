@@ -200,12 +200,24 @@ def test_a_damaged_checkpoint_is_reported_in_a_few_lines(tmp_path, damage):
   else:  # neither reads
     for folder in ('ocdbt.process_0', 'd'):
       shutil.rmtree(os.path.join(default, folder))
+  # Sampling reads the newest checkpoint that loads, moving nothing (it was 600 lines of
+  # Orbax's tracebacks, or a TypeError for a checkpoint without its metadata).
+  sampled = run_launch(f'--workdir={workdir}', '--mode=sample', '--max_new_tokens=3')
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  assert 'WARNING: using the checkpoint of step 2: newer ones could not be loaded' in (
+      sampled.stderr)
+  assert len(sampled.stderr.splitlines()) < 10, sampled.stderr[-3000:]
+  assert 'Event loop is closed' not in sampled.stderr and 'TensorStore(' not in sampled.stderr
   result = run_launch(f'--workdir={workdir}', '--mode=eval')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resuming from step 2: newer checkpoints could not be loaded' in result.stdout
   assert 'Checkpoint' in result.stderr and 'could not be loaded' in result.stderr
   assert len(result.stderr.splitlines()) < 10, result.stderr[-3000:]
   assert 'Event loop is closed' not in result.stderr and 'TensorStore(' not in result.stderr
+  os.remove(os.path.join(workdir, 'checkpoints', '2', 'default', '_METADATA'))
+  sampled = run_launch(f'--workdir={workdir}', '--mode=sample', '--max_new_tokens=3')
+  assert sampled.returncode != 0 and 'Traceback' not in sampled.stderr, sampled.stderr[-3000:]
+  assert 'No checkpoint could be loaded: ' in sampled.stderr
 
 
 class _NoisyRead:
