@@ -82,8 +82,8 @@ def _bad_experiment(argv) -> str | None:
       if ':' in value:  # e.g. ':gpu' where the experiment takes ':cpu'
         try:
           _load_experiment(value)
-        except ValueError as e:
-          return f'--{flag}={value}: {e}'
+        except ValueError as e:  # (launch.py's own --config for a --workdir: its file named)
+          return str(e) if path.endswith('saved_config.py') else f'--{flag}={value}: {e}'
         except Exception:  # pylint: disable=broad-except  (absl reports it with its traceback)
           pass
   return None

@@ -160,17 +160,15 @@ def load_trained(workdir: str):
   The parameters are on one device, so a run trained on many devices samples on a machine
   with one.
   """
-  import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from research import checkpoint  # pylint: disable=g-import-not-at-top
   from research import models  # pylint: disable=g-import-not-at-top
+  from research import saved_config  # pylint: disable=g-import-not-at-top
   from research.data import tokenizers  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{config_path} does not exist: pass the --workdir of a trained run.')
-  with open(config_path, encoding='utf-8') as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = saved_config.get_config(workdir)
   if not os.path.isdir(os.path.join(workdir, 'tokenizer')):
     raise FileNotFoundError(f'{workdir} has no tokenizer/: it is not a language-model run.')
   tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer'))

@@ -17,12 +17,21 @@ from research import cli
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's config.json as a ConfigDict; a ValueError naming the file if it is not one."""
+  from research import config as config_lib  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'config.json')
   with open(path, encoding='utf-8') as f:
     try:
       saved = json.load(f)
     except ValueError as e:
       raise ValueError(f'{path} is not a config written by a run ({e}).') from e
+  for key in config_lib.REQUIRED:
+    node = saved
+    for part in key.split('.'):
+      node = node.get(part) if isinstance(node, dict) else None
+    if node is None:
+      raise ValueError(f'{path} is not a config written by a run: it has no {key}. Launch with '
+                       '--config=experiments/X.py and this --workdir to write it again.')
   # JSON has no tuples; the experiments' sequences are tuples, which overrides can replace.
   tuples = lambda x: ({k: tuples(v) for k, v in x.items()} if isinstance(x, dict) else
                       tuple(tuples(v) for v in x) if isinstance(x, list) else x)

@@ -246,6 +246,19 @@ def test_mlp_output_activation_can_be_set_from_the_command_line(value, want):
   assert config.defaults('mlp').model.output_activation == ''  # '': no output activation
 
 
+@pytest.mark.parametrize('text, message', [
+    ('{"seed": 0, "batch', r'config\.json is not a config written by a run \(Unterminated'),
+    ('[1, 2]', r'config\.json is not a config written by a run: it has no seed\.'),
+    ('{}', r'config\.json is not a config written by a run: it has no seed\.')])
+def test_a_config_json_that_is_not_a_run_s_is_named(tmp_path, text, message):
+  """'[1, 2]' was ml_collections' AttributeError, '{}' "The experiment does not set config.seed"
+  in eval and "AttributeError: 'model'" in sample mode (research/sample.py reads it too)."""
+  from research import saved_config  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'config.json').write_text(text)
+  with pytest.raises(ValueError, match=message):
+    saved_config.get_config(str(tmp_path))
+
+
 def test_saved_config_round_trip_and_the_argv_it_completes(tmp_path):
   """research/saved_config.py: a workdir's config.json as an experiment file. JSON's lists come
   back as tuples (an override of a tuple field failed on a list), and launch.py's argv gets

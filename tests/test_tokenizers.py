@@ -128,6 +128,10 @@ def test_build_errors_name_the_fix(tmp_path):
     tokenizers.build_tokenizer('char')
   with pytest.raises(FileNotFoundError, match='tokenizer.json'):
     tokenizers.load(str(tmp_path))
+  for damaged in ('', '{"chars": "ab"}'):  # was json's JSONDecodeError / a KeyError
+    (tmp_path / 'tokenizer.json').write_text(damaged)
+    with pytest.raises(ValueError, match=r'tokenizer\.json is damaged .*the tokenizer the run'):
+      tokenizers.load(str(tmp_path))
 
 
 @pytest.mark.parametrize('vocab_size, advice', [

@@ -259,7 +259,15 @@ def load(directory: str) -> Tokenizer:
   if not os.path.exists(path):
     raise FileNotFoundError(f'no saved tokenizer at {path} (written by Tokenizer.save).')
   with open(path, encoding='utf-8') as f:
-    state = json.load(f)
+    try:
+      state = json.load(f)
+    except ValueError as e:
+      state = e
+  if not isinstance(state, dict) or 'kind' not in state:
+    raise ValueError(f'{path} is damaged ({state if isinstance(state, ValueError) else "no kind"}'
+                     '): it is the tokenizer the run trained with. Copy it back from a copy of '
+                     "the run, or train anew in a new workdir (the checkpoints' token ids "
+                     'belong to that tokenizer).')
   kind = state['kind']
   if kind == 'byte':
     return ByteTokenizer()
