@@ -77,15 +77,17 @@ config_flags.DEFINE_config_file('config', None, 'Experiment file: experiments/X.
                                 lock_config=True)
 config_flags.DEFINE_config_file('config_b', None, 'A second variant to compare with --config '
                                 'in this process (see the module docstring).', lock_config=True)
-flags.DEFINE_integer('steps', 20, 'Timed steps (with --config_b: pairs of steps).')
-flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+flags.DEFINE_integer('steps', 20, 'Timed steps (with --config_b: pairs of steps).',
+                     lower_bound=1)
+flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
 flags.DEFINE_bool('compile_only', False, 'Compile the train step ahead of time for the configured '
                   'devices and print its compile time, memory per device and FLOPs per step, '
                   'without allocating the state or running a step.')
 flags.DEFINE_bool('against_torch', False, 'Alternate rounds of this benchmark and of the PyTorch '
                   'reference (research/torch_reference.py), each in a fresh process, and print '
                   'their ratio (see the module docstring).')
-flags.DEFINE_integer('rounds', 3, 'With --against_torch: how many rounds (ours, then PyTorch).')
+flags.DEFINE_integer('rounds', 3, 'With --against_torch: how many rounds (ours, then PyTorch).',
+                     lower_bound=1)
 flags.DEFINE_string('torch_args', '', 'With --against_torch: extra flags for the reference.')
 flags.DEFINE_bool('mock_data', False, 'TFDS datasets replaced by random examples of the same '
                   'shapes (tfds.testing.mock_data): benchmark without the data.')
@@ -258,6 +260,13 @@ def against_torch(name: str, overrides: list[str], rounds: int, steps: int, warm
 
 
 def main(argv):
+  try:
+    run_main(argv)
+  except app.UsageError as e:  # one line, not the module's usage text (as launch.py)
+    sys.exit(f'Usage error: {e} (python -m research.benchmark --help lists the flags.)')
+
+
+def run_main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   name = flags.FLAGS['config'].config_filename
@@ -268,8 +277,8 @@ def main(argv):
                          '--against_torch, --compile_only or --config_b.')
   overrides = override_flags(config_flags.get_override_values(flags.FLAGS['config']))
   if FLAGS.against_torch:
-    if FLAGS.compile_only or FLAGS.rounds < 1 or FLAGS.config_b is not None:
-      raise app.UsageError('--against_torch needs --rounds >= 1, no --compile_only and no '
+    if FLAGS.compile_only or FLAGS.config_b is not None:
+      raise app.UsageError('--against_torch runs the step: not with --compile_only or '
                            '--config_b.')
     try:
       result = against_torch(name, overrides, FLAGS.rounds, FLAGS.steps, FLAGS.warmup,
@@ -281,8 +290,8 @@ def main(argv):
   try:
     with mock_data(FLAGS.config) if FLAGS.mock_data else contextlib.nullcontext():
       if FLAGS.config_b is not None:
-        if FLAGS.compile_only or FLAGS.steps < 1:
-          raise app.UsageError('--config_b needs --steps >= 1 and no --compile_only.')
+        if FLAGS.compile_only:
+          raise app.UsageError('--config_b times the steps: not with --compile_only.')
         label = lambda flag: ' '.join([flags.FLAGS[flag].config_filename, *override_flags(
             config_flags.get_override_values(flags.FLAGS[flag]), flag)])  # what A and B differ in
         result = run_ab(FLAGS.config, FLAGS.config_b, FLAGS.steps, FLAGS.warmup,

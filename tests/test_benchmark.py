@@ -144,6 +144,13 @@ def test_profile_prints_where_the_step_time_went(tmp_path):
 def test_profile_is_refused_with_the_comparisons():
   done = benchmark('--profile_dir=/tmp/unused', '--against_torch')
   assert done.returncode != 0 and '--profile_dir profiles a plain benchmark run' in done.stderr
+  assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # not the 80-line usage text
+
+
+def test_steps_that_time_nothing_are_refused_by_the_flags():
+  done = benchmark('--steps=0')  # compiled, then failed in a TypeError
+  assert done.returncode != 0 and 'Traceback' not in done.stderr
+  assert 'flag --steps=0: 0 is not a positive integer' in done.stderr, done.stderr[-2000:]
 
 
 def test_an_override_of_config_b_is_named_with_its_flag():
