@@ -33,10 +33,12 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'compile'],
                   "(the train step for the configured devices: its memory per device and FLOPs, "
                   'without running it).')
 flags.DEFINE_string('prompt', None, 'sample: the prompt (default: config.sample.prompt).')
-flags.DEFINE_integer('max_new_tokens', None, 'sample: tokens to generate.')
-flags.DEFINE_float('temperature', None, 'sample: 0 is greedy.')
-flags.DEFINE_integer('top_k', None, 'sample: keep the k most likely tokens (0: off).')
-flags.DEFINE_float('top_p', None, 'sample: nucleus sampling threshold (0: off).')
+flags.DEFINE_integer('max_new_tokens', None, 'sample: tokens to generate.', lower_bound=0)
+flags.DEFINE_float('temperature', None, 'sample: 0 is greedy.', lower_bound=0.0)
+flags.DEFINE_integer('top_k', None, 'sample: keep the k most likely tokens (0: off).',
+                     lower_bound=0)
+flags.DEFINE_float('top_p', None, 'sample: nucleus sampling threshold (0: off).',
+                   lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_integer('seed', 0, 'sample: the random seed.')
 flags.DEFINE_bool('distributed', False, 'Several processes: jax.distributed.initialize() with '
                   'the cluster auto-detected (Cloud TPU, SLURM). Implied by the flags below.')
@@ -74,6 +76,9 @@ def sample(workdir: str):
   for name in ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p'):
     if FLAGS[name].value is not None:
       settings[name] = FLAGS[name].value
+  if not settings.temperature >= 0:  # NaN (the flag's bound lets it through)
+    raise app.UsageError(f'--temperature={settings.temperature}: use 0 (greedy) or a positive '
+                         'number.')
   try:  # a prompt it cannot encode: said before the prompt is printed
     tokenizer.encode(settings.prompt)
   except ValueError as e:
