@@ -216,6 +216,9 @@ def main(argv):
 def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS['workdir'].present and not FLAGS.workdir.strip():  # (an unset shell variable)
+    raise app.UsageError('--workdir is empty: name a folder, or leave the flag out for a new '
+                         'runs/NAME-TIME.')
   if FLAGS.mode != 'sample':  # they would be silently ignored
     for name in SAMPLE_FLAGS:
       if FLAGS[name].present:
@@ -249,8 +252,9 @@ def run(argv):
     elif FLAGS.mode == 'compile':  # the folder training would use (one all processes share)
       with removed_if_empty(workdir, also_after_success=True):
         compile_step(FLAGS.config, workdir)
-    elif FLAGS.mode == 'eval':
-      train.evaluate(FLAGS.config, workdir)
+    elif FLAGS.mode == 'eval':  # a mistyped --workdir is not left behind
+      with removed_if_empty(workdir):
+        train.evaluate(FLAGS.config, workdir)
     else:
       sample(workdir)
   except KeyboardInterrupt:  # Ctrl-C; in training a first one saves and says so

@@ -311,11 +311,16 @@ def test_launch_usage_mistakes_are_one_line(tmp_path):
            ([f'--workdir={tmp_path}', '--mode=eval'], 'config.json'),
            (['--config=experiments/shakespeare_char.py:gpu'],  # was within a traceback
             "shakespeare_char.py:gpu: Unknown experiment argument(s) ['gpu']"),
-           ([], 'Pass --config=experiments/X.py')]
+           ([], 'Pass --config=experiments/X.py'),
+           (['--config=experiments/linear_regression.py:cpu', '--workdir='],  # was runs/...
+            '--workdir is empty'),
+           (['--config=experiments/linear_regression.py:cpu', '--mode=eval',
+             f'--workdir={tmp_path}/mistyped'], 'No checkpoint in')]
   for args, message in cases:
     result = run_launch(*args)
     assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
     assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr[-2000:])
+  assert not os.path.exists(tmp_path / 'mistyped')  # eval made its checkpoints/ and left it
 
 
 def test_only_our_own_raise_statements_lose_their_traceback():
