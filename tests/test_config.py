@@ -203,6 +203,16 @@ def test_model_dtypes_other_than_floats_rejected(key, value):
   config.resolve(ml_collections.ConfigDict(d))
 
 
+def test_an_unknown_remat_policy_is_refused_when_the_config_is_read(caplog):
+  """It was refused only when the model was built, after a warning that 'bogus' saves no
+  memory on CPUs."""
+  c = experiment('gpt_small', 'nano')
+  c.model.remat = 'bogus'
+  with pytest.raises(ValueError, match=r"config\.model\.remat='bogus' is not 'none', 'full'"):
+    config.resolve(c)
+  assert 'saves no memory' not in caplog.text
+
+
 def test_parse_arg():
   assert config.parse_arg(None) == set()
   assert config.parse_arg('cpu') == {'cpu'}

@@ -335,6 +335,8 @@ class GPT(nn.Module):
       raise ValueError(f'config.model.attention={fields["attention"]!r} is not one of '
                        f'{list(ATTENTION)}.')
     remat = fields.get('remat', cls.remat)
+    if remat != 'none':
+      remat_policy(remat)  # an unknown name: its error before the warning below
     if (remat != 'none' and not fields.get('scan_layers', cls.scan_layers)
         and jax.default_backend() == 'cpu'):
       # XLA's CPU compiler drops the barriers that keep a recomputation apart from the forward
