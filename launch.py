@@ -76,9 +76,11 @@ def sample(workdir: str):
   for name in ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p'):
     if FLAGS[name].value is not None:
       settings[name] = FLAGS[name].value
-  if not settings.temperature >= 0:  # NaN (the flag's bound lets it through)
+  if not settings.temperature >= 0:  # NaN (the flags' bounds let it through)
     raise app.UsageError(f'--temperature={settings.temperature}: use 0 (greedy) or a positive '
                          'number.')
+  if not 0 <= settings.top_p <= 1:
+    raise app.UsageError(f'--top_p={settings.top_p}: use a probability in (0, 1] (or 0: off).')
   try:  # a prompt it cannot encode: said before the prompt is printed
     tokenizer.encode(settings.prompt)
   except ValueError as e:

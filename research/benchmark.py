@@ -27,9 +27,10 @@ Extra flags for the reference go in --torch_args (e.g. "--device=cuda --compile"
 --config_b=experiments/Y.py[:ARG] (with its own --config_b.KEY=VALUE overrides) compares two
 variants in one process instead: both steps are compiled, then run alternately, A then B, for
 --steps pairs, and the JSON gives both medians and the median of the per-pair ratios
-`b_over_a` (B's step time / A's: below 1 means B is faster) with the share of pairs B won.
-A machine whose speed drifts moves both sides of a pair alike, so this resolves differences of
-1-2% where separate runs cannot (BENCHMARKS.md). Both models are in memory at once.
+`b_over_a` (B's step time / A's: below 1 means B is faster) with the share of pairs B won,
+and each side's parameter count (`a_params`, `b_params`). A machine whose speed drifts moves
+both sides of a pair alike, so this resolves differences of 1-2% where separate runs cannot
+(BENCHMARKS.md). Both models are in memory at once.
 
 --profile_dir=DIR traces 3 more steps after the timed ones with `jax.profiler` into DIR (open it
 with TensorBoard's profile plugin / XProf, or DIR/plugins/profile/*/perfetto_trace.json.gz at

@@ -219,8 +219,9 @@ def checkpoints_dir(workdir: str) -> str:
 
 
 def restore_params(workdir: str, devices=None, hint: str = ''):
-  """The parameters of the newest checkpoint of the run in `workdir`, every array whole on
-  each of `devices`: one device (default: this process's first), or replicated over several.
+  """The parameters of the newest checkpoint of the run in `workdir` that loads (a damaged
+  newer one is said and left in place), every array whole on each of `devices`: one device
+  (default: this process's first), or replicated over several.
 
   Only the parameters are read, not the optimizer state (twice their size under Adam). Without
   a target Orbax would restore the shardings the checkpoint was saved with, which fail when the
@@ -254,21 +255,30 @@ def restore_params(workdir: str, devices=None, hint: str = ''):
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f'No checkpoint in {directory}{hint}.')
-    errors = []
+    errors, params, loaded = [], None, -1
     for step in steps:  # the newest that loads; a damaged one is left where it is (read only)
       params, error = _read_quietly(lambda: read(mngr, step))  # pylint: disable=cell-var-from-loop
       if error is None:
-        if errors:
-          print(f'WARNING: using the checkpoint of step {step}: newer ones could not be loaded '
-                f'({"; ".join(errors)}).', file=sys.stderr, flush=True)
-        return params
+        loaded = step
+        break
       errors.append(f'{directory}/{step}: {error}')
-  raise RuntimeError('No checkpoint could be loaded' + (hint if hint.startswith(' (') else '')
-                     + ': ' + '; '.join(errors) + '.')
+  if jax.process_count() > 1:  # all must use the same step (each reads its own copy)
+    everyone = np.asarray(multihost_utils.process_allgather(np.int32(loaded))).tolist()
+    if len(set(everyone)) > 1:
+      raise RuntimeError(f'The processes loaded different checkpoints of {directory} (steps '
+                         f'{everyone}, -1: none): some could not read a checkpoint the others '
+                         'could.')
+  if loaded < 0:
+    raise RuntimeError('No checkpoint could be loaded' + (hint if hint.startswith(' (') else '')
+                       + ': ' + '; '.join(errors) + '.')
+  if errors:
+    print(f'WARNING: using the checkpoint of step {loaded}: newer ones could not be loaded '
+          f'({"; ".join(errors)}).', file=sys.stderr, flush=True)
+  return params
 
 
 def load_params(workdir: str):
-  """The parameters of the newest checkpoint of another run (for config.init_from).
+  """The parameters of the newest checkpoint of another run that loads (config.init_from).
 
   They are replicated over every device of this run (whatever devices the other run used);
   the caller lays them out as it needs.

@@ -213,11 +213,12 @@ def _numbers(value) -> bool:
 
 
 def _check_normalisation(data):
-  """Images are (x - mean) / std per channel: one positive std per mean."""
+  """Images are (x - mean) / std per channel: values per channel or one for all, std > 0."""
   mean, std = data.mean, data.std
-  if not _numbers(mean) or not _numbers(std) or len(mean) != len(std) or not mean:
+  if (not _numbers(mean) or not _numbers(std) or not mean or not std
+      or len(mean) != len(std) and 1 not in (len(mean), len(std))):
     raise ValueError(f'config.data.mean={mean!r} and config.data.std={std!r} must be tuples of '
-                     'numbers, one of each per image channel (e.g. (0.5,) and (0.25,)).')
+                     'numbers, one per image channel or one for all (e.g. (0.5,) and (0.25,)).')
   if min(std) <= 0:
     raise ValueError(f'config.data.std={std!r}: images are divided by it, so each must be > 0.')
 
@@ -228,7 +229,8 @@ def _check_piecewise(optimizer):
   if optimizer.schedule != 'piecewise':
     return
   if (not _numbers(boundaries) or not _numbers(scales) or len(boundaries) != len(scales)
-      or any(not 0 < b < 1 for b in boundaries) or list(boundaries) != sorted(boundaries)
+      or any(not 0 < b < 1 for b in boundaries)
+      or any(a >= b for a, b in zip(boundaries, boundaries[1:]))
       or min(scales, default=0) < 0):
     raise ValueError(
         f'config.optimizer.boundaries={boundaries!r} with scales={scales!r}: boundaries are '

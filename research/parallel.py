@@ -219,8 +219,10 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
   flags = os.environ.get('XLA_FLAGS', '')
   options = {name: value for name, value in options.items() if f'--{name}=' not in flags}
   if options:
+    one = jax.ShapeDtypeStruct((), np.float32, sharding=jax.sharding.SingleDeviceSharding(
+        mesh.devices.flat[0]))  # on the mesh's CPUs, whatever the default backend
     try:
-      jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+      jax.jit(lambda x: x + 1, compiler_options=options).lower(one).compile()
     except jax.errors.JaxRuntimeError as e:  # e.g. "No such compile option: 'xla_cpu_nope'"
       raise ValueError(f'config.parallel.cpu_compiler_options={spec!r}: XLA refuses it: '
                        f'{str(e).splitlines()[0]}') from None
@@ -258,7 +260,7 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
         put_state=lambda state: state, get_state=lambda state: state,
         get_metrics=lambda metrics: metrics, state_sharding=state_sharding)
   if mode == 'pmap':
-    if compiler_options(cpu_compiler_options, mesh):
+    if cpu_compiler_options.strip() and all_cpu(mesh):  # (not checked: not applied)
       warnings.warn('config.parallel.cpu_compiler_options is not applied with '
                     'parallel.mode=pmap (jax.pmap takes no compiler options).', stacklevel=2)
     if mesh.shape['fsdp'] > 1 or mesh.shape['tensor'] > 1:

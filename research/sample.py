@@ -155,7 +155,8 @@ def sample_text(model, params, tokenizer, sample_config, rng,
 
 
 def load_trained(workdir: str):
-  """(model, params, tokenizer, config) of the newest checkpoint of a language-model run.
+  """(model, params, tokenizer, config) of the newest checkpoint of a language-model run that
+  loads (a damaged newer one is said and left in place).
 
   The parameters are on one device, so a run trained on many devices samples on a machine
   with one.

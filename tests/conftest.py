@@ -27,8 +27,8 @@ def pytest_configure(config):
   config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
   jax.config.update('jax_compilation_cache_dir', folder)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(folder, 'subprocesses')
+  # Set in every process (a pytest-xdist worker inherits its controller's environment).
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(folder, 'subprocesses')
 
 
 @pytest.fixture

@@ -166,9 +166,12 @@ def test_negative_sizes_rejected(key):
 
 @pytest.mark.parametrize('mean, std, message', [
     ((0.1,), (0.0,), 'each must be > 0'),  # trained to NaN, advised a lower learning rate
-    ((0.1, 0.2), (1.0,), 'one of each per image channel'),
+    ((0.1, 0.2), (1.0, 2.0, 3.0), 'one per image channel or one for all'),
     ((0.1,), ('a',), 'tuples of numbers')])
 def test_bad_image_normalisation_rejected(mean, std, message):
+  ok = mnist_mlp_dict()
+  ok['data']['mean'], ok['data']['std'] = (0.1, 0.2, 0.3), (0.25,)  # one std for all channels
+  config.resolve(ml_collections.ConfigDict(ok))
   d = mnist_mlp_dict()
   d['data']['mean'], d['data']['std'] = mean, std
   with pytest.raises(ValueError, match=message):
@@ -178,6 +181,7 @@ def test_bad_image_normalisation_rejected(mean, std, message):
 @pytest.mark.parametrize('boundaries, scales', [
     ((2, 3), (0.1, 0.1)),          # step numbers: the rate never dropped
     ((0.9, 0.2), (0.1, 0.1)),      # out of order
+    ((0.5, 0.5), (0.1, 0.1)),      # one boundary twice: its second scale was lost
     ((0.5, 0.75), (0.1,)),         # a boundary without a scale was dropped silently
     ((0.5,), (-1.0,))])            # a negative rate ascends the loss
 def test_bad_piecewise_schedule_rejected(boundaries, scales):
@@ -211,6 +215,10 @@ def test_an_unknown_remat_policy_is_refused_when_the_config_is_read(caplog):
   with pytest.raises(ValueError, match=r"config\.model\.remat='bogus' is not 'none', 'full'"):
     config.resolve(c)
   assert 'saves no memory' not in caplog.text
+  d = experiment('gpt_small', 'nano').to_dict()
+  d['model']['remat'] = True  # an experiment file's (was a TypeError from hasattr)
+  with pytest.raises(ValueError, match=r"config\.model\.remat=True: use 'none', 'full'"):
+    config.resolve(ml_collections.ConfigDict(d))
 
 
 def test_parse_arg():

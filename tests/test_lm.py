@@ -64,7 +64,8 @@ def test_launch_gpt_small_cpu_trains_resumes_evaluates_and_samples(tmp_path):
   assert sampled.stdout.startswith('import ') and len(sampled.stdout) > len('import \n')
   # Settings that cannot sample are said before anything is printed (the prompt was printed,
   # then the error; a negative --max_new_tokens printed the prompt alone and succeeded).
-  for bad in ('--temperature=-1', '--temperature=nan', '--top_p=2', '--max_new_tokens=-5'):
+  for bad in ('--temperature=-1', '--temperature=nan', '--top_p=2', '--top_p=nan',
+              '--max_new_tokens=-5'):
     refused = run_launch(f'--workdir={workdir}', '--mode=sample', bad)
     assert refused.returncode != 0 and refused.stdout == '', (bad, refused.stdout)
     assert bad.split('=')[0] in refused.stderr and 'Traceback' not in refused.stderr, (

@@ -161,13 +161,20 @@ def test_a_process_killed_outright_stops_the_others_and_the_run_resumes(tmp_path
   procs = start_processes(*ARGS, '--config.total_steps=2000', '--config.eval_every_steps=2000',
                           '--config.checkpoint_every_steps=10', '--heartbeat_timeout=10',
                           f'--workdir={workdir}')
-  for line in procs[0].stdout:
-    if line.startswith('step 25/'):
-      procs[1].kill()
-      killed = time.monotonic()
-      break
-  procs[0].communicate(timeout=120)
-  waited = time.monotonic() - killed
+  try:
+    for line in procs[0].stdout:
+      if line.startswith('step 25/'):
+        procs[1].kill()
+        killed = time.monotonic()
+        break
+    else:
+      raise AssertionError('process 0 ended before step 25')
+    procs[0].communicate(timeout=120)
+    waited = time.monotonic() - killed
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
   procs[0].stderr_file.seek(0)
   errors = procs[0].stderr_file.read()
   assert procs[0].returncode != 0 and 'stopped sending heartbeats' in errors, errors[-2000:]

@@ -335,6 +335,9 @@ class GPT(nn.Module):
       raise ValueError(f'config.model.attention={fields["attention"]!r} is not one of '
                        f'{list(ATTENTION)}.')
     remat = fields.get('remat', cls.remat)
+    if not isinstance(remat, str):
+      raise ValueError(f"config.model.remat={remat!r}: use 'none', 'full', 'dots' or a "
+                       'jax.checkpoint_policies name such as dots_saveable.')
     if remat != 'none':
       remat_policy(remat)  # an unknown name: its error before the warning below
     if (remat != 'none' and not fields.get('scan_layers', cls.scan_layers)
