@@ -76,6 +76,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   if config.parallel.mode == 'pmap' and 'bn_axis_name' in fields:
     overrides['bn_axis_name'] = parallel.PMAP_AXIS  # BatchNorm statistics over all devices
   if data.tokenizer is not None:
+    unset = models.model_class(config.model.name).vocab_size  # the field's default
+    if config.model.vocab_size not in (unset, data.tokenizer.vocab_size):  # was ignored, unsaid
+      raise ValueError(
+          f'config.model.vocab_size={config.model.vocab_size}, but the vocabulary is the '
+          f'tokenizer\'s ({data.tokenizer.vocab_size} tokens of config.data.tokenizer='
+          f'{config.data.tokenizer!r}): leave config.model.vocab_size out, and set '
+          'config.data.tokenizer (and config.data.vocab_size for bpe) instead.')
     with config.unlocked():  # the model's vocabulary is the tokenizer's (recorded in config.json)
       config.model.vocab_size = data.tokenizer.vocab_size
     if config.model.block_size < config.data.seq_len:

@@ -156,6 +156,18 @@ def test_a_normalisation_for_other_channels_fails_before_compilation(tmp_path, n
       train.setup(config, str(tmp_path))
 
 
+def test_a_model_vocabulary_other_than_the_tokenizer_s_fails_before_compilation(
+    tmp_path, no_compilation):
+  """It was replaced by the tokenizer's size without a word."""
+  config = cpu_config('gpt_small', **{'model.vocab_size': 10, 'data.max_bytes': 100_000})
+  with pytest.raises(ValueError, match=r"config\.model\.vocab_size=10, but the vocabulary is "
+                     r"the tokenizer's \(257 tokens of config\.data\.tokenizer='byte'\)"):
+    train.setup(config, str(tmp_path))
+  config.model.vocab_size = 257  # the same as the tokenizer's (a saved config.json's): fine
+  with pytest.raises(AssertionError, match='compile_steps was reached'):
+    train.setup(config, str(tmp_path))
+
+
 def test_unknown_config_key_fails_before_compilation(tmp_path, no_compilation):
   config = cpu_config('mnist_cnn')
   with config.unlocked():
