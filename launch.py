@@ -272,10 +272,9 @@ def run(argv):
     sys.exit(f'Process {jax.process_index()} of {jax.process_count()} stopped waiting for the '
              f'others ({str(e).splitlines()[0][:300]}): another process most likely stopped '
              "before this point (its own output says why), or it ran on far longer.")
-  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
-    if not cli.raised_here(e):  # from a library: its traceback is the way to the cause
-      raise
-    sys.exit(f'{type(e).__name__}: {e}')  # our checks name what to change
+  except cli.OUR_ERRORS as e:
+    cli.exit_if_ours(e)
+    raise
 
 
 def peer_lost(error: Exception) -> bool:

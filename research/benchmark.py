@@ -306,10 +306,9 @@ def run_main(argv):
   except DataError as e:  # the message says what to do (as launch.py): no traceback
     sys.exit(f'DataError: {e}' + (' (Or benchmark on made-up examples of its shapes: '
                                   '--mock_data.)' if 'TFDS' in str(e) else ''))
-  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
-    if not cli.raised_here(e):  # from a library: its traceback is the way to the cause
-      raise
-    sys.exit(f'{type(e).__name__}: {e}')  # our checks name what to change (as launch.py)
+  except cli.OUR_ERRORS as e:
+    cli.exit_if_ours(e)
+    raise
   print(json.dumps(result))
 
 

@@ -133,3 +133,13 @@ def raised_here(error: BaseException) -> bool:
   ours = any(path.startswith(os.path.join(here, part) + os.sep)
              for part in ('research', 'experiments'))
   return ours and dis.opname[code.co_code[tb.tb_lasti]] == 'RAISE_VARARGS'
+
+
+OUR_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)  # what our checks raise
+
+
+def exit_if_ours(error: BaseException):
+  """Exits with `error`'s one line when our own checks raised it (they name what to change);
+  returns otherwise, for the caller to re-raise (a library's traceback is the way to it)."""
+  if raised_here(error):
+    sys.exit(f'{type(error).__name__}: {error}')
