@@ -1,5 +1,6 @@
 """Tests of research.data.image: IDX reading on the real MNIST test set, batching (order, shards,
 padding), TFDS on mocked data and its error messages, and on-device preprocessing."""
+import functools
 import gzip
 import pathlib
 import struct
@@ -229,6 +230,69 @@ def test_tfds_unknown_name(tmp_path):
   c = data_config(name='no_such_dataset_xyz', data_dir=str(tmp_path), download=False)
   with pytest.raises(image.DataError, match="'no_such_dataset_xyz' is not a TFDS dataset"):
     image.build(c, batch_size=8, seed=0)
+
+
+@functools.cache
+def _local_image_builder():
+  """A TFDS image dataset of 12 train and 5 test examples (label = index % 3), registered once
+  as 'research_test_images'; prepared as ArrayRecord by each test that uses it."""
+
+  class ResearchTestImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
+          'label': tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(12), 'test': self._generate_examples(5)}
+
+    def _generate_examples(self, count):
+      for i in range(count):
+        yield i, {'image': np.full((4, 4, 1), i, np.uint8), 'label': i % 3}
+  return ResearchTestImages
+
+
+@pytest.fixture
+def local_tfds(tmp_path):
+  _local_image_builder()(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  return lambda **kw: data_config(name='research_test_images', data_dir=str(tmp_path),
+                                  download=False, **kw)
+
+
+def test_tfds_split_slices_past_the_end_and_unknown_splits_are_named(local_tfds):
+  data = image.build(local_tfds(train_split='train[:10]', eval_split='test[:40%]'), 4, seed=0)
+  assert (data.num_train, data.num_eval, data.num_classes) == (10, 2, 3)
+  with pytest.raises(image.DataError, match=r"Split 'train\[:20\]' of TFDS dataset "
+                     r"'research_test_images': .*20.* 12 .*'test' \(5 examples\)"):
+    image.build(local_tfds(train_split='train[:20]'), 4, seed=0)
+  with pytest.raises(image.DataError, match=r"Split 'validation' .*'train' \(12 examples\)"):
+    image.build(local_tfds(eval_split='validation'), 4, seed=0)
+
+
+def test_train_and_eval_splits_that_share_examples_are_warned_of(local_tfds, mnist_dir, caplog):
+  with caplog.at_level('WARNING'):
+    image.build(local_tfds(train_split='train[:8]', eval_split='train[8:]'), 4, seed=0)
+    image.build(data_config(name='mnist_idx', path=mnist_dir, train_split='test[:8000]',
+                            eval_split='test[8000:]'), 4, seed=0)
+  assert 'share examples' not in caplog.text  # disjoint
+  with caplog.at_level('WARNING'):
+    image.build(local_tfds(train_split='train[:50%]+test', eval_split='train[4:7]'), 4, seed=0)
+  assert "share examples: 2 of 'train' (rows 4..5)" in caplog.text
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    image.build(data_config(name='mnist_idx', path=mnist_dir, train_split='test[:9000]',
+                            eval_split='test[-2000:]'), 4, seed=0)
+  assert "share examples: 1000 of 'test' (rows 8000..8999)" in caplog.text
+
+
+def test_idx_and_synthetic_slices_past_the_end_are_refused(mnist_dir):
+  with pytest.raises(image.DataError, match=r"'test\[:20000\]' reaches past the 10000 examples"):
+    image.idx_source(mnist_dir, 'test[:20000]')
+  with pytest.raises(image.DataError, match=r"'test\[-200:\]' reaches past the 100 examples"):
+    image.synthetic_linear_source('test[-200:]', 100, 2.0, 0.0, 0.01, seed=0)
+  assert len(image.synthetic_linear_source('test[-100:]', 100, 2.0, 0.0, 0.01, seed=0)) == 100
 
 
 # ---------------------------------------------------------------------------------------------

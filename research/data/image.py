@@ -48,10 +48,11 @@ class ImageData:
 class _ArraySource:
   """A random-access source over in-memory arrays."""
 
-  def __init__(self, inputs, targets):
+  def __init__(self, inputs, targets, rows=None):
     if len(inputs) != len(targets):
       raise DataError(f'{len(inputs)} inputs but {len(targets)} targets.')
     self.inputs, self.targets = inputs, targets
+    self.rows = rows  # [(split name, range of its rows)], where the source is a split's slice
 
   def __len__(self):
     return len(self.inputs)
@@ -83,6 +84,48 @@ def _split_slice(split: str) -> tuple[str, slice]:
   return m.group(1), slice(to_int(m.group(2)), to_int(m.group(3)))
 
 
+def _split_rows(split: str, size: int) -> tuple[str, range]:
+  """The split's name and the rows it takes of that split's `size` examples. A bound past the
+  split is refused, as TFDS refuses it: clamped, 'test[:20000]' of 10,000 examples would train
+  on fewer than asked without a word."""
+  name, part = _split_slice(split)
+  for bound in (part.start, part.stop):
+    if bound is not None and abs(bound) > size:
+      raise DataError(f'Split {split!r} reaches past the {size} examples of {name!r} '
+                      f'(config.data.train_split / eval_split): bounds from -{size} to {size}.')
+  return name, range(*part.indices(size))
+
+
+def _tfds_rows(name: str, split: str, data_dir: str | None) -> list[tuple[str, range]] | None:
+  """The rows of each split of a prepared TFDS dataset that `split` ('train[:80%]+test', ...)
+  takes, by TFDS's rules; None where the dataset is not prepared (or is mocked). A split TFDS
+  refuses (a slice past its end, an unknown name) is a DataError that lists the splits."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name, data_dir=data_dir)
+  splits = builder.info.splits if builder.is_prepared() else None
+  if not splits:
+    return None
+  try:
+    runs = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+  except (ValueError, KeyError, AssertionError) as e:
+    sizes = ', '.join(f'{k!r} ({v.num_examples} examples)' for k, v in splits.items())
+    raise DataError(f'Split {split!r} of TFDS dataset {name!r}: {e} (config.data.train_split / '
+                    f'eval_split; its splits: {sizes}).') from None
+  return [(r.splitname, range(r.from_ or 0, splits[r.splitname].num_examples if r.to is None
+                              else r.to)) for r in runs]
+
+
+def _shared_examples(train: list[tuple[str, range]], evaluation: list[tuple[str, range]]) -> str:
+  """'' if the train and eval rows are disjoint, else which rows of which split they share."""
+  shared = []
+  for name, rows in train:
+    for other_name, other in evaluation:
+      start, stop = max(rows.start, other.start), min(rows.stop, other.stop)
+      if name == other_name and start < stop:
+        shared.append(f'{stop - start} of {name!r} (rows {start}..{stop - 1})')
+  return ', '.join(shared)
+
+
 def _read_idx(path: str) -> np.ndarray:
   """Reads an MNIST IDX file (optionally gzipped)."""
   opener = gzip.open if path.endswith('.gz') else open
@@ -106,7 +149,7 @@ def _read_idx(path: str) -> np.ndarray:
 
 def idx_source(path: str, split: str) -> _ArraySource:
   """MNIST in its original IDX files: split 'train' -> train-*, 'test' -> t10k-*."""
-  name, part = _split_slice(split)
+  name, _ = _split_slice(split)
   prefix = {'train': 'train', 'test': 't10k'}.get(name)
   if prefix is None:
     raise DataError(f'IDX split must be train or test (optionally sliced), not {split!r}.')
@@ -125,21 +168,24 @@ def idx_source(path: str, split: str) -> _ArraySource:
            f"(config.data.train_split / eval_split, e.g. '{other}[:{cut}]' and "
            f"'{other}[{cut}:]')." if has_other else '.'))
   images, labels = (_read_idx(f) for f in files)
-  return _ArraySource(images[part], labels[part].astype(np.int32))
+  _, rows = _split_rows(split, len(labels))
+  part = slice(rows.start, rows.stop)
+  return _ArraySource(images[part], labels[part].astype(np.int32), [(name, rows)])
 
 
 def synthetic_linear_source(split: str, num_examples: int, slope: float, intercept: float,
                             noise: float, seed: int) -> _ArraySource:
   """y = slope * x + intercept + noise * N(0, 1), x ~ U(-1, 1); train and test differ by seed.
   `num_examples` per split, of which a split like 'test[:100]' takes a slice."""
-  name, part = _split_slice(split)
+  name, rows = _split_rows(split, num_examples)
   if name not in ('train', 'test'):
     raise DataError(f'The synthetic linear data has splits train and test, not {name!r} '
                     '(config.data.train_split / eval_split).')
   rng = np.random.default_rng([seed, {'train': 0, 'test': 1}[name]])
   x = rng.uniform(-1, 1, size=(num_examples, 1)).astype(np.float32)
   y = (slope * x + intercept + noise * rng.standard_normal(x.shape)).astype(np.float32)
-  return _ArraySource(x[part], y[part])
+  part = slice(rows.start, rows.stop)
+  return _ArraySource(x[part], y[part], [(name, rows)])
 
 
 def _network_reachable(host='storage.googleapis.com', port=443, timeout=3.0) -> bool:
@@ -220,6 +266,8 @@ def tfds_source(name: str, split: str, data_dir: str | None, download: bool,
                     '(see https://www.tensorflow.org/datasets/catalog).') from None
   except Exception as e:  # pylint: disable=broad-except
     failure = e
+  with quiet_tfds_lookup():
+    _tfds_rows(name, split, data_dir)  # prepared, but not this split: a DataError that says so
   instead = ('Or read the original IDX files (train-images-idx3-ubyte.gz, ...) from a folder: '
              '--config.data.name=mnist_idx --config.data.path=FOLDER.' if name == 'mnist' else '')
   with quiet_tfds_lookup():
@@ -302,6 +350,16 @@ def build(data_config, batch_size: int, seed: int, process_index=0, process_coun
   train, test = make(data_config.train_split), make(data_config.eval_split)
   if num_classes is None:  # read once the dataset is known to exist
     num_classes = tfds_num_classes(name, data_dir)
+  if name in ('mnist_idx', 'synthetic_linear'):
+    rows = train.rows, test.rows
+  else:
+    rows = (_tfds_rows(name, data_config.train_split, data_dir),
+            _tfds_rows(name, data_config.eval_split, data_dir))
+  shared = _shared_examples(*rows) if None not in rows else ''
+  if shared:  # a warning, not an error: evaluating on training examples can be meant
+    logging.warning('config.data.train_split=%r and eval_split=%r share examples: %s. The '
+                    'evaluation measures examples the model trains on.',
+                    data_config.train_split, data_config.eval_split, shared)
   if len(train) == 0 or len(test) == 0:
     raise DataError(f'Dataset {name!r}: split {data_config.train_split!r} has {len(train)} '
                     f'examples and {data_config.eval_split!r} has {len(test)}; both need some.')
