@@ -37,7 +37,8 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 250
   c.model.dtype = 'auto'  # bfloat16 on GPUs and TPUs, float32 on CPUs
   # On CPUs, matmuls in Eigen rather than YNNPACK: this model's step 5-13% faster on 2 cores
-  # (BENCHMARKS.md); the nano-sized `:cpu` shapes below were not (it clears this).
+  # of an Intel Xeon with AVX-512 (BENCHMARKS.md); the nano-sized `:cpu` variant below takes
+  # the default, 'auto' (Eigen only on x86 CPUs without AVX-512, research/parallel.py).
   c.parallel.cpu_compiler_options = (
       'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE')
   # On CPUs, the batch as two halves that XLA runs at once on two cores: on 2 cores its
@@ -59,7 +60,7 @@ def get_config(arg=None):
     c.model.n_layer, c.model.n_head, c.model.n_embd = 4, 4, 128
     c.model.block_size = c.data.seq_len = 64
     c.model.dropout_rate = 0.0
-    c.parallel.cpu_compiler_options = ''
+    c.parallel.cpu_compiler_options = 'auto'
     c.batch_size = 32
     c.total_steps = 500
     c.optimizer.warmup_steps = 20

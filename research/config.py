@@ -126,8 +126,10 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
       ('mlp', 'tensor'),
       ('kv', None), ('length', None), ('layers', None))
   # XLA options for compiling the steps on CPUs, 'name=value,...' (research/parallel.py), e.g.
-  # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE' (matmuls in Eigen).
-  c.parallel.cpu_compiler_options = ''
+  # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE' (matmuls in Eigen); ''
+  # for XLA's defaults; 'auto': matmuls in Eigen on x86 CPUs without AVX-512, where that
+  # measured faster, else XLA's defaults (parallel.auto_cpu_options).
+  c.parallel.cpu_compiler_options = 'auto'
   # On CPUs: each (micro-)batch computed as this many independent parts of one program, which
   # XLA's runtime runs at the same time on different cores (the same update, BatchNorm and
   # dropout aside: each part is normalised by its own statistics and draws its own dropout

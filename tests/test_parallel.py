@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import types
+import warnings
 
 import jax
 import numpy as np
@@ -279,6 +280,43 @@ def test_cpu_compiler_options_reach_the_compiled_step_and_keep_its_numbers(tmp_p
     results[name] = ('__ynn_fusion' in hlo, float(jax.device_get(metrics['loss'])))
   assert results['default'][0] and not results['eigen'][0]
   np.testing.assert_allclose(results['eigen'][1], results['default'][1], rtol=1e-5)
+
+
+def test_auto_cpu_compiler_options_follow_the_cpu(tmp_path, monkeypatch):
+  """'auto' (the default): matmuls in Eigen on x86 CPUs without AVX-512, else XLA's default."""
+  amd = tmp_path / 'amd'
+  amd.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\n'
+                 'flags\t\t: fpu sse sse2 avx fma avx2 bmi2\n\nprocessor\t: 1\n')
+  intel = tmp_path / 'intel'
+  intel.write_text('flags\t\t: fpu sse sse2 avx avx2 avx512f avx512bw amx_tile\n')
+  arm = tmp_path / 'arm'
+  arm.write_text('processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n')
+  assert parallel.cpu_flags(str(amd)) >= {'sse2', 'avx2'}
+  assert parallel.cpu_flags(str(arm)) is None and parallel.cpu_flags(str(tmp_path / 'no')) is None
+  assert parallel.auto_cpu_options(parallel.cpu_flags(str(amd))) == parallel.EIGEN_MATMULS
+  for path in (intel, arm, tmp_path / 'no'):
+    assert parallel.auto_cpu_options(parallel.cpu_flags(str(path))) == ''
+  assert cpu_config('mnist_mlp').parallel.cpu_compiler_options == 'auto'
+  mesh = parallel.make_mesh(cpu_config('mnist_mlp').parallel)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  read = parallel.cpu_flags
+  monkeypatch.setattr(parallel, 'cpu_flags', lambda: read(str(amd)))
+  assert parallel.compiler_options('auto', mesh) == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+  monkeypatch.setattr(parallel, 'cpu_flags', lambda: read(str(intel)))
+  assert parallel.compiler_options(' auto ', mesh) == {}
+
+
+def test_pmap_warns_of_cpu_compiler_options_only_when_they_were_set(tmp_path):
+  config = cpu_config('linear_regression')
+  config.parallel.mode = 'pmap'
+  with warnings.catch_warnings():
+    # The default, 'auto', is not a request that pmap ignores: no warning.
+    warnings.filterwarnings('error', message='.*cpu_compiler_options is not applied')
+    train.setup(config, str(tmp_path / 'auto'))
+  config.parallel.cpu_compiler_options = parallel.EIGEN_MATMULS
+  with pytest.warns(UserWarning, match='not applied with parallel.mode=pmap'):
+    train.setup(config, str(tmp_path / 'set'))
 
 
 def test_cpu_compiler_options_parsing(monkeypatch):
