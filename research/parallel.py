@@ -26,6 +26,7 @@ import os
 import warnings
 from typing import Any, Callable
 
+from absl import logging
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
@@ -236,7 +237,8 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
   true / false (any case) are booleans. An XLA option that does not exist, or a bad value, is
   refused here, by compiling a one-line program with the options (not at the first step, in a
   traceback)."""
-  if spec.strip() == 'auto':
+  auto = spec.strip().lower() == 'auto'
+  if auto:
     spec = auto_cpu_options(cpu_flags())
   options = {}
   for item in filter(None, (part.strip() for part in spec.split(','))):
@@ -256,8 +258,16 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
     try:
       jax.jit(lambda x: x + 1, compiler_options=options).lower(one).compile()
     except jax.errors.JaxRuntimeError as e:  # e.g. "No such compile option: 'xla_cpu_nope'"
+      refusal = str(e).splitlines()[0]
+      if auto:  # not the user's setting: another XLA may lack the option; its defaults then
+        logging.warning("config.parallel.cpu_compiler_options='auto' chose %r, which this XLA "
+                        "refuses (%s); compiling with XLA's defaults.", spec, refusal)
+        return {}
       raise ValueError(f'config.parallel.cpu_compiler_options={spec!r}: XLA refuses it: '
-                       f'{str(e).splitlines()[0]}') from None
+                       f'{refusal}') from None
+  if auto:
+    logging.info("config.parallel.cpu_compiler_options='auto' on this CPU: %s.",
+                 spec or "XLA's defaults")
   return options
 
 
@@ -292,7 +302,7 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
         put_state=lambda state: state, get_state=lambda state: state,
         get_metrics=lambda metrics: metrics, state_sharding=state_sharding)
   if mode == 'pmap':
-    if cpu_compiler_options.strip() not in ('', 'auto') and all_cpu(mesh):  # (not applied)
+    if cpu_compiler_options.strip().lower() not in ('', 'auto') and all_cpu(mesh):
       warnings.warn('config.parallel.cpu_compiler_options is not applied with '
                     'parallel.mode=pmap (jax.pmap takes no compiler options).', stacklevel=2)
     if mesh.shape['fsdp'] > 1 or mesh.shape['tensor'] > 1:

@@ -3,6 +3,7 @@ padding), TFDS on mocked data and its error messages, and on-device preprocessin
 import functools
 import gzip
 import pathlib
+import re
 import struct
 import threading
 import time
@@ -269,6 +270,12 @@ def test_tfds_split_slices_past_the_end_and_unknown_splits_are_named(local_tfds)
     image.build(local_tfds(train_split='train[:20]'), 4, seed=0)
   with pytest.raises(image.DataError, match=r"Split 'validation' .*'train' \(12 examples\)"):
     image.build(local_tfds(eval_split='validation'), 4, seed=0)
+  for split in ('train[:0]', 'train[12:]', 'train[5:3]', 'test[100%:]'):  # were a "prepare it"
+    with pytest.raises(image.DataError, match=rf"Split '{re.escape(split)}' .* takes no "
+                       r"examples, or a slice of it ends before it starts"):
+      image.build(local_tfds(train_split=split), 4, seed=0)
+  with pytest.raises(image.DataError, match=r"Split 'all\[:5\]' of TFDS dataset"):
+    image.build(local_tfds(train_split='all[:5]'), 4, seed=0)  # was a NotImplementedError
 
 
 def test_train_and_eval_splits_that_share_examples_are_warned_of(local_tfds, mnist_dir, caplog):
@@ -280,6 +287,10 @@ def test_train_and_eval_splits_that_share_examples_are_warned_of(local_tfds, mni
   with caplog.at_level('WARNING'):
     image.build(local_tfds(train_split='train[:50%]+test', eval_split='train[4:7]'), 4, seed=0)
   assert "share examples: 2 of 'train' (rows 4..5)" in caplog.text
+  caplog.clear()
+  with caplog.at_level('WARNING'):  # a union that overlaps itself: each row counted once
+    image.build(local_tfds(train_split='train[:6]+train[4:]', eval_split='train[4:7]'), 4, 0)
+  assert "share examples: 3 of 'train' (rows 4..6). The" in caplog.text
   caplog.clear()
   with caplog.at_level('WARNING'):
     image.build(data_config(name='mnist_idx', path=mnist_dir, train_split='test[:9000]',
@@ -293,6 +304,8 @@ def test_idx_and_synthetic_slices_past_the_end_are_refused(mnist_dir):
   with pytest.raises(image.DataError, match=r"'test\[-200:\]' reaches past the 100 examples"):
     image.synthetic_linear_source('test[-200:]', 100, 2.0, 0.0, 0.01, seed=0)
   assert len(image.synthetic_linear_source('test[-100:]', 100, 2.0, 0.0, 0.01, seed=0)) == 100
+  with pytest.raises(image.DataError, match="splits train and test, not 'validation'"):
+    image.synthetic_linear_source('validation[:500]', 100, 2.0, 0.0, 0.01, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------

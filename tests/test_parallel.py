@@ -282,7 +282,7 @@ def test_cpu_compiler_options_reach_the_compiled_step_and_keep_its_numbers(tmp_p
   np.testing.assert_allclose(results['eigen'][1], results['default'][1], rtol=1e-5)
 
 
-def test_auto_cpu_compiler_options_follow_the_cpu(tmp_path, monkeypatch):
+def test_auto_cpu_compiler_options_follow_the_cpu(tmp_path, monkeypatch, caplog):
   """'auto' (the default): matmuls in Eigen on x86 CPUs without AVX-512, else XLA's default."""
   amd = tmp_path / 'amd'
   amd.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\n'
@@ -304,7 +304,35 @@ def test_auto_cpu_compiler_options_follow_the_cpu(tmp_path, monkeypatch):
   assert parallel.compiler_options('auto', mesh) == {
       'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
   monkeypatch.setattr(parallel, 'cpu_flags', lambda: read(str(intel)))
-  assert parallel.compiler_options(' auto ', mesh) == {}
+  assert parallel.compiler_options(' Auto ', mesh) == {}
+  # An XLA without the option it chooses: XLA's defaults, with a warning (an option the user
+  # set is refused instead: test_cpu_compiler_options_parsing).
+  monkeypatch.setattr(parallel, 'cpu_flags', lambda: read(str(amd)))
+  monkeypatch.setattr(parallel, 'EIGEN_MATMULS', 'xla_cpu_no_such_option=1')
+  with caplog.at_level('WARNING'):
+    assert parallel.compiler_options('auto', mesh) == {}
+  assert "'auto' chose 'xla_cpu_no_such_option=1', which this XLA refuses" in caplog.text
+
+
+def test_auto_cpu_compiler_options_reach_the_compiled_steps(tmp_path, monkeypatch):
+  """The default, 'auto', reaches the jitted train and eval steps as the options chosen for the
+  CPU. (Whether Eigen or YNNPACK runs a matmul does not show in the compiled HLO text.)"""
+  monkeypatch.delenv('XLA_FLAGS', raising=False)  # the simulated devices are already made
+  jit, seen = jax.jit, {}
+
+  def spy(fn, *args, **kwargs):
+    seen[getattr(fn, '__name__', '?')] = kwargs.get('compiler_options')
+    return jit(fn, *args, **kwargs)
+  monkeypatch.setattr(jax, 'jit', spy)
+  chosen = {}
+  for cpu, flags in (('amd', {'sse2', 'avx2'}), ('intel', {'sse2', 'avx2', 'avx512f'})):
+    monkeypatch.setattr(parallel, 'cpu_flags', lambda flags=flags: flags)
+    seen.clear()
+    train.setup(gpt_config(num_devices=1), str(tmp_path / cpu))
+    chosen[cpu] = {name: seen[name] for name in ('train_step', 'eval_step')}
+  eigen = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+  assert chosen == {'amd': {'train_step': eigen, 'eval_step': eigen},
+                    'intel': {'train_step': {}, 'eval_step': {}}}
 
 
 def test_pmap_warns_of_cpu_compiler_options_only_when_they_were_set(tmp_path):

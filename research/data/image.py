@@ -99,31 +99,46 @@ def _split_rows(split: str, size: int) -> tuple[str, range]:
 def _tfds_rows(name: str, split: str, data_dir: str | None) -> list[tuple[str, range]] | None:
   """The rows of each split of a prepared TFDS dataset that `split` ('train[:80%]+test', ...)
   takes, by TFDS's rules; None where the dataset is not prepared (or is mocked). A split TFDS
-  refuses (a slice past its end, an unknown name) is a DataError that lists the splits."""
+  refuses (a slice past its end, an unknown name) or that takes no example is a DataError that
+  lists the splits."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(name, data_dir=data_dir)
-  splits = builder.info.splits if builder.is_prepared() else None
+  with quiet_tfds_lookup():
+    builder = tfds.builder(name, data_dir=data_dir)
+    splits = builder.info.splits if builder.is_prepared() else None
   if not splits:
     return None
+  sizes = ', '.join(f'{k!r} ({v.num_examples} examples)' for k, v in splits.items())
+  where = f'(config.data.train_split / eval_split; its splits: {sizes})'
   try:
     runs = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
-  except (ValueError, KeyError, AssertionError) as e:
-    sizes = ', '.join(f'{k!r} ({v.num_examples} examples)' for k, v in splits.items())
-    raise DataError(f'Split {split!r} of TFDS dataset {name!r}: {e} (config.data.train_split / '
-                    f'eval_split; its splits: {sizes}).') from None
-  return [(r.splitname, range(r.from_ or 0, splits[r.splitname].num_examples if r.to is None
+  except (ValueError, KeyError, AssertionError, NotImplementedError) as e:
+    raise DataError(f'Split {split!r} of TFDS dataset {name!r}: {e} {where}.') from None
+  rows = [(r.splitname, range(r.from_ or 0, splits[r.splitname].num_examples if r.to is None
                               else r.to)) for r in runs]
+  if not sum(len(r) for _, r in rows) or any(r.start > r.stop for _, r in rows):
+    raise DataError(f'Split {split!r} of TFDS dataset {name!r} takes no examples, or a slice of '
+                    f'it ends before it starts {where}.')
+  return rows
 
 
 def _shared_examples(train: list[tuple[str, range]], evaluation: list[tuple[str, range]]) -> str:
   """'' if the train and eval rows are disjoint, else which rows of which split they share."""
-  shared = []
+  shared = {}  # split name -> [start, stop) runs, merged below
   for name, rows in train:
     for other_name, other in evaluation:
       start, stop = max(rows.start, other.start), min(rows.stop, other.stop)
       if name == other_name and start < stop:
-        shared.append(f'{stop - start} of {name!r} (rows {start}..{stop - 1})')
-  return ', '.join(shared)
+        shared.setdefault(name, []).append((start, stop))
+  parts = []
+  for name, runs in shared.items():
+    merged = []
+    for start, stop in sorted(runs):
+      if merged and start <= merged[-1][1]:
+        merged[-1][1] = max(merged[-1][1], stop)
+      else:
+        merged.append([start, stop])
+    parts += [f'{stop - start} of {name!r} (rows {start}..{stop - 1})' for start, stop in merged]
+  return ', '.join(parts)
 
 
 def _read_idx(path: str) -> np.ndarray:
@@ -177,10 +192,11 @@ def synthetic_linear_source(split: str, num_examples: int, slope: float, interce
                             noise: float, seed: int) -> _ArraySource:
   """y = slope * x + intercept + noise * N(0, 1), x ~ U(-1, 1); train and test differ by seed.
   `num_examples` per split, of which a split like 'test[:100]' takes a slice."""
-  name, rows = _split_rows(split, num_examples)
+  name, _ = _split_slice(split)
   if name not in ('train', 'test'):
     raise DataError(f'The synthetic linear data has splits train and test, not {name!r} '
                     '(config.data.train_split / eval_split).')
+  _, rows = _split_rows(split, num_examples)
   rng = np.random.default_rng([seed, {'train': 0, 'test': 1}[name]])
   x = rng.uniform(-1, 1, size=(num_examples, 1)).astype(np.float32)
   y = (slope * x + intercept + noise * rng.standard_normal(x.shape)).astype(np.float32)
@@ -266,12 +282,12 @@ def tfds_source(name: str, split: str, data_dir: str | None, download: bool,
                     '(see https://www.tensorflow.org/datasets/catalog).') from None
   except Exception as e:  # pylint: disable=broad-except
     failure = e
-  with quiet_tfds_lookup():
-    _tfds_rows(name, split, data_dir)  # prepared, but not this split: a DataError that says so
+  _tfds_rows(name, split, data_dir)  # prepared, but not this split: a DataError that says so
   instead = ('Or read the original IDX files (train-images-idx3-ubyte.gz, ...) from a folder: '
              '--config.data.name=mnist_idx --config.data.path=FOLDER.' if name == 'mnist' else '')
   with quiet_tfds_lookup():
     prepare_tfds(name, data_dir, download, failure, instead)  # outside `except`: no traceback
+  _tfds_rows(name, split, data_dir)  # prepared now: the split checked as above
   return _RenameSource(open_split(), image_key, label_key)
 
 
