@@ -10,7 +10,8 @@ whose peak is estimated from the core count, research/metrics.py), peak_memory_b
 peak_memory_from ('allocator': the device's measured peak; 'xla_estimate': XLA's analysis of
 the step's buffers, on CPUs; 'none' where neither is given), params, batch_size, seq_len,
 vocab_size (GPTs), device_kind, device_count (the run's: config.parallel.num_devices), config
-and overrides (the command line's --config.KEY=VALUE).
+and overrides (the command line's --config.KEY=VALUE); on CPUs also cpu_model (Linux's name for
+the CPU) and cpu_compiler_options (the config's, 'auto' resolved: research/parallel.py).
 
 --compile_only compiles the step ahead of time for the configured devices and prints its
 compile time, memory (per device) and XLA's FLOPs per step instead, before a long run. XLA's
@@ -28,7 +29,8 @@ Extra flags for the reference go in --torch_args (e.g. "--device=cuda --compile"
 variants in one process instead: both steps are compiled, then run alternately, A then B, for
 --steps pairs, and the JSON gives both medians and the median of the per-pair ratios
 `b_over_a` (B's step time / A's: below 1 means B is faster) with the share of pairs B won,
-and each side's parameter count (`a_params`, `b_params`). A machine whose speed drifts moves
+and each side's parameter count (`a_params`, `b_params`) and, on CPUs, XLA options
+(`a_cpu_compiler_options`, `b_cpu_compiler_options`). A machine whose speed drifts moves
 both sides of a pair alike, so this resolves differences of 1-2% where separate runs cannot
 (BENCHMARKS.md). Both models are in memory at once.
 
@@ -184,8 +186,20 @@ def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None
         peak_memory_bytes=memory, peak_memory_from=memory_from, params=num_params,
         batch_size=config.batch_size, seq_len=seq_len,
         vocab_size=config.model.vocab_size if config.model.name == 'gpt' else None,
-        device_kind=jax.devices()[0].device_kind, device_count=count, config=name)
+        device_kind=jax.devices()[0].device_kind, device_count=count, config=name,
+        **cpu_record(config.parallel.cpu_compiler_options))
   return result
+
+
+def cpu_record(*options: str) -> dict:
+  """On CPUs: the CPU's model and the XLA options each config's steps were compiled with
+  ('auto' resolved), since both change the figures; nothing on accelerators."""
+  if jax.devices()[0].platform != 'cpu':
+    return {}
+  names = ('cpu_compiler_options',) if len(options) == 1 else (
+      'a_cpu_compiler_options', 'b_cpu_compiler_options')
+  return {'cpu_model': parallel.cpu_model(),
+          **{n: parallel.resolved_cpu_options(o) for n, o in zip(names, options)}}
 
 
 def run_ab(config_a, config_b, steps: int, warmup: int, names: tuple[str, str]) -> dict:
@@ -204,7 +218,9 @@ def run_ab(config_a, config_b, steps: int, warmup: int, names: tuple[str, str]) 
           'a_params': a.num_params(), 'b_params': b.num_params(),  # which model each side ran
           'device_kind': jax.devices()[0].device_kind,
           'device_count': len(parallel.devices(config_a.parallel.num_devices)),
-          'config': names[0], 'config_b': names[1]}
+          'config': names[0], 'config_b': names[1],
+          **cpu_record(config_a.parallel.cpu_compiler_options,
+                       config_b.parallel.cpu_compiler_options)}
 
 
 def _last_json_line(command: list[str]) -> dict:

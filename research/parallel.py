@@ -207,16 +207,32 @@ class Compiled:
 EIGEN_MATMULS = 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE'
 
 
-def cpu_flags(path: str = '/proc/cpuinfo') -> set[str] | None:
-  """This machine's x86 CPU feature flags (Linux), or None where they cannot be read."""
+def _cpuinfo(field: str, path: str = '/proc/cpuinfo') -> str | None:
+  """The first `field` line of /proc/cpuinfo (Linux), or None where there is none."""
   try:
     with open(path, encoding='utf-8', errors='replace') as f:
       for line in f:
-        if line.startswith('flags'):
-          return set(line.partition(':')[2].split())
+        if line.split(':')[0].strip() == field:
+          return line.partition(':')[2].strip()
   except OSError:
     pass
   return None
+
+
+def cpu_flags(path: str = '/proc/cpuinfo') -> set[str] | None:
+  """This machine's x86 CPU feature flags (Linux), or None where they cannot be read."""
+  flags = _cpuinfo('flags', path)
+  return None if flags is None else set(flags.split())
+
+
+def cpu_model() -> str | None:
+  """This machine's CPU as Linux names it (e.g. 'AMD EPYC'), or None: for benchmark records."""
+  return _cpuinfo('model name')
+
+
+def resolved_cpu_options(spec: str) -> str:
+  """`config.parallel.cpu_compiler_options` with 'auto' (any case) replaced by its choice here."""
+  return auto_cpu_options(cpu_flags()) if spec.strip().lower() == 'auto' else spec
 
 
 def auto_cpu_options(flags: set[str] | None) -> str:
@@ -238,8 +254,7 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
   refused here, by compiling a one-line program with the options (not at the first step, in a
   traceback)."""
   auto = spec.strip().lower() == 'auto'
-  if auto:
-    spec = auto_cpu_options(cpu_flags())
+  spec = resolved_cpu_options(spec)
   options = {}
   for item in filter(None, (part.strip() for part in spec.split(','))):
     name, sep, value = item.partition('=')

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from research import parallel
+
 needs_torch = pytest.mark.skipif(importlib.util.find_spec('torch') is None,
                                  reason='the PyTorch reference needs torch')
 
@@ -36,6 +38,9 @@ def test_the_last_line_is_the_issue_s_json_and_its_figures_agree():
       'experiments/gpt_small.py:cpu', 32, 'cpu')
   assert r['overrides'] == ['--config.batch_size=32', '--config.model.n_layer=1']
   assert r['device_count'] == 8 and r['compile_s'] > 0  # conftest's 8 simulated devices
+  # The CPU and the XLA options the step was compiled with: the default, 'auto', resolved.
+  assert r['cpu_model'] == parallel.cpu_model()
+  assert r['cpu_compiler_options'] == parallel.auto_cpu_options(parallel.cpu_flags())
   assert r['tokens_per_sec'] == pytest.approx(32 * r['seq_len'] * 1000 / r['step_ms'])
   assert r['examples_per_sec'] == pytest.approx(32 * 1000 / r['step_ms'])
   # One layer of width 128 (12 * 128^2 + biases and norms), the final norm, and the token
@@ -109,12 +114,15 @@ def test_config_b_is_compared_in_the_same_process():
   # benchmarks, not tests); what each side ran is asserted through its parameter count.
   done = benchmark('--config.model.n_layer=1', '--config_b=experiments/gpt_small.py:cpu',
                    '--config_b.batch_size=32', '--config_b.model.n_layer=3', '--steps=6',
-                   '--warmup=1')
+                   '--warmup=1', '--config_b.parallel.cpu_compiler_options=')
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result['pairs'] == 6  # each side named with its overrides (B's were left out)
   assert result['config_b'] == ('experiments/gpt_small.py:cpu --config_b.batch_size=32 '
-                                '--config_b.model.n_layer=3'), result
+                                '--config_b.model.n_layer=3 '
+                                '--config_b.parallel.cpu_compiler_options='), result
+  assert (result['a_cpu_compiler_options'], result['b_cpu_compiler_options']) == (
+      parallel.auto_cpu_options(parallel.cpu_flags()), '')  # A's default 'auto', resolved
   assert result['config'].endswith('--config.batch_size=32 --config.model.n_layer=1'), result
   assert result['b_params'] > result['a_params'], result  # B: two more layers
   assert result['a_step_ms'] > 0 and result['b_step_ms'] > 0 and result['b_over_a'] > 0
