@@ -20,7 +20,8 @@ the mean of 200 random batches of it.) The schedule stays nanoGPT's for comparab
 Activations are bfloat16 on accelerators and float32 on CPUs (`model.dtype='auto'`).
 Measured (2-core CPU, 2026-11-26): `:cpu` with the local copy reaches a validation loss
 of 2.19 nats per character after 500 steps, 47-64 s for the whole command (unigram: 3.35);
-86 s in a slow hour of the same machine kind on 2026-11-27.
+86 s in a slow hour of the same machine kind on 2026-11-27; 2.19 and 89 s on 2 cores of an AMD
+EPYC (AVX2), 2026-11-27.
 """
 from research import config as config_lib
 
