@@ -372,7 +372,7 @@ def build(data_config, batch_size: int, seed: int, process_index=0, process_coun
     rows = (_tfds_rows(name, data_config.train_split, data_dir),
             _tfds_rows(name, data_config.eval_split, data_dir))
   shared = _shared_examples(*rows) if None not in rows else ''
-  if shared:  # a warning, not an error: evaluating on training examples can be meant
+  if shared and process_index == 0:  # a warning, not an error: it can be meant
     logging.warning('config.data.train_split=%r and eval_split=%r share examples: %s. The '
                     'evaluation measures examples the model trains on.',
                     data_config.train_split, data_config.eval_split, shared)
