@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from research import parallel
+
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   """Per-example softmax cross-entropy on integer labels, computed in float32.
@@ -72,11 +74,7 @@ PEAK_FLOPS = {
 
 def cpu_flops_per_core() -> float:
   """An estimate: 2.5 GHz x 2 FMA units x fp32 lanes (16 with AVX-512, else 8) x 2."""
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      lanes = 16 if ' avx512f' in f.read() else 8
-  except OSError:
-    lanes = 8
+  lanes = 16 if 'avx512f' in (parallel.cpu_flags() or ()) else 8
   return 2.5e9 * 2 * lanes * 2
 
 
