@@ -64,8 +64,9 @@ class _ArraySource:
 class _RenameSource:
   """Maps a TFDS example {'image', 'label'} to {'inputs', 'targets'}."""
 
-  def __init__(self, source, image_key, label_key):
+  def __init__(self, source, image_key, label_key, rows=None):
     self.source, self.image_key, self.label_key = source, image_key, label_key
+    self.rows = rows  # as _ArraySource's; None where TFDS cannot say (mock data)
 
   def __len__(self):
     return len(self.source)
@@ -84,16 +85,16 @@ def _split_slice(split: str) -> tuple[str, slice]:
   return m.group(1), slice(to_int(m.group(2)), to_int(m.group(3)))
 
 
-def _split_rows(split: str, size: int) -> tuple[str, range]:
-  """The split's name and the rows it takes of that split's `size` examples. A bound past the
-  split is refused, as TFDS refuses it: clamped, 'test[:20000]' of 10,000 examples would train
-  on fewer than asked without a word."""
+def _split_rows(split: str, size: int) -> range:
+  """The rows `split` takes of its split's `size` examples. A bound past the split is refused,
+  as TFDS refuses it: clamped, 'test[:20000]' of 10,000 examples would train on fewer than
+  asked without a word."""
   name, part = _split_slice(split)
   for bound in (part.start, part.stop):
     if bound is not None and abs(bound) > size:
       raise DataError(f'Split {split!r} reaches past the {size} examples of {name!r} '
                       f'(config.data.train_split / eval_split): bounds from -{size} to {size}.')
-  return name, range(*part.indices(size))
+  return range(*part.indices(size))
 
 
 def _tfds_rows(name: str, split: str, data_dir: str | None) -> list[tuple[str, range]] | None:
@@ -183,9 +184,9 @@ def idx_source(path: str, split: str) -> _ArraySource:
            f"(config.data.train_split / eval_split, e.g. '{other}[:{cut}]' and "
            f"'{other}[{cut}:]')." if has_other else '.'))
   images, labels = (_read_idx(f) for f in files)
-  _, rows = _split_rows(split, len(labels))
-  part = slice(rows.start, rows.stop)
-  return _ArraySource(images[part], labels[part].astype(np.int32), [(name, rows)])
+  rows = _split_rows(split, len(labels))
+  return _ArraySource(images[rows.start:rows.stop], labels[rows.start:rows.stop].astype(np.int32),
+                      [(name, rows)])
 
 
 def synthetic_linear_source(split: str, num_examples: int, slope: float, intercept: float,
@@ -196,12 +197,11 @@ def synthetic_linear_source(split: str, num_examples: int, slope: float, interce
   if name not in ('train', 'test'):
     raise DataError(f'The synthetic linear data has splits train and test, not {name!r} '
                     '(config.data.train_split / eval_split).')
-  _, rows = _split_rows(split, num_examples)
+  rows = _split_rows(split, num_examples)
   rng = np.random.default_rng([seed, {'train': 0, 'test': 1}[name]])
   x = rng.uniform(-1, 1, size=(num_examples, 1)).astype(np.float32)
   y = (slope * x + intercept + noise * rng.standard_normal(x.shape)).astype(np.float32)
-  part = slice(rows.start, rows.stop)
-  return _ArraySource(x[part], y[part], [(name, rows)])
+  return _ArraySource(x[rows.start:rows.stop], y[rows.start:rows.stop], [(name, rows)])
 
 
 def _network_reachable(host='storage.googleapis.com', port=443, timeout=3.0) -> bool:
@@ -276,10 +276,13 @@ def tfds_source(name: str, split: str, data_dir: str | None, download: bool,
   open_split = lambda: tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   try:
     with quiet_tfds_lookup():
-      return _RenameSource(open_split(), image_key, label_key)
+      source = open_split()
+    return _RenameSource(source, image_key, label_key, _tfds_rows(name, split, data_dir))
   except tfds.core.registered.DatasetNotFoundError:
     raise DataError(f'config.data.name={name!r} is not a TFDS dataset '
                     '(see https://www.tensorflow.org/datasets/catalog).') from None
+  except DataError:  # the split, named by _tfds_rows
+    raise
   except Exception as e:  # pylint: disable=broad-except
     failure = e
   _tfds_rows(name, split, data_dir)  # prepared, but not this split: a DataError that says so
@@ -287,8 +290,8 @@ def tfds_source(name: str, split: str, data_dir: str | None, download: bool,
              '--config.data.name=mnist_idx --config.data.path=FOLDER.' if name == 'mnist' else '')
   with quiet_tfds_lookup():
     prepare_tfds(name, data_dir, download, failure, instead)  # outside `except`: no traceback
-  _tfds_rows(name, split, data_dir)  # prepared now: the split checked as above
-  return _RenameSource(open_split(), image_key, label_key)
+  rows = _tfds_rows(name, split, data_dir)  # prepared now: the split checked as above
+  return _RenameSource(open_split(), image_key, label_key, rows)
 
 
 def tfds_num_classes(name: str, data_dir: str | None, label_key='label') -> int:
@@ -366,12 +369,7 @@ def build(data_config, batch_size: int, seed: int, process_index=0, process_coun
   train, test = make(data_config.train_split), make(data_config.eval_split)
   if num_classes is None:  # read once the dataset is known to exist
     num_classes = tfds_num_classes(name, data_dir)
-  if name in ('mnist_idx', 'synthetic_linear'):
-    rows = train.rows, test.rows
-  else:
-    rows = (_tfds_rows(name, data_config.train_split, data_dir),
-            _tfds_rows(name, data_config.eval_split, data_dir))
-  shared = _shared_examples(*rows) if None not in rows else ''
+  shared = _shared_examples(train.rows, test.rows) if None not in (train.rows, test.rows) else ''
   if shared and process_index == 0:  # a warning, not an error: it can be meant
     logging.warning('config.data.train_split=%r and eval_split=%r share examples: %s. The '
                     'evaluation measures examples the model trains on.',
