@@ -126,7 +126,8 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
       ('mlp', 'tensor'),
       ('kv', None), ('length', None), ('layers', None))
   # XLA options for compiling the steps on CPUs, 'name=value,...' (research/parallel.py), e.g.
-  # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE' (matmuls in Eigen); ''
+  # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE' (matmuls in Eigen; a list
+  # option takes several values, 'name=A,B'); ''
   # for XLA's defaults; 'auto': matmuls in Eigen on x86 CPUs without AVX-512, where that
   # measured faster, else XLA's defaults (parallel.auto_cpu_options).
   c.parallel.cpu_compiler_options = 'auto'

@@ -250,19 +250,25 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
   """`config.parallel.cpu_compiler_options` ('name=value,...', or 'auto': see
   `auto_cpu_options`) as XLA compile options for the jitted steps when the mesh is all CPUs
   (nothing on accelerators), less any option that XLA_FLAGS also sets: the environment wins.
-  true / false (any case) are booleans. An XLA option that does not exist, or a bad value, is
+  true / false (any case) are booleans. An item without '=' is one more value of the option
+  before it, for XLA's list options (e.g. `xla_cpu_experimental_ynn_fusion_type=A,B`). An XLA option that does not exist, or a bad value, is
   refused here, by compiling a one-line program with the options (not at the first step, in a
   traceback)."""
   auto = spec.strip().lower() == 'auto'
   spec = resolved_cpu_options(spec)
-  options = {}
+  options, name = {}, None
   for item in filter(None, (part.strip() for part in spec.split(','))):
+    if '=' not in item and name is not None:  # another value of a list option: name=A,B
+      options[name] = f'{options[name]},{item}'
+      continue
     name, sep, value = item.partition('=')
-    if not sep or not name.strip():
+    name, value = name.strip(), value.strip()
+    if not sep or not name:
       raise ValueError(f'config.parallel.cpu_compiler_options={spec!r}: {item!r} is not '
                        'name=value.')
-    value = value.strip()
-    options[name.strip()] = {'true': True, 'false': False}.get(value.lower(), value)
+    options[name] = value
+  options = {name: {'true': True, 'false': False}.get(value.lower(), value)
+             for name, value in options.items()}
   if not all_cpu(mesh):
     return {}
   flags = os.environ.get('XLA_FLAGS', '')

@@ -7,6 +7,7 @@ import types
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -164,6 +165,7 @@ def test_save_with_fsdp_restore_with_data_parallelism(tmp_path):
 _LOAD_ON_ONE_DEVICE = """
 import sys
 import jax
+import jax.numpy as jnp
 import numpy as np
 from research import checkpoint, sample
 assert jax.device_count() == 1, jax.devices()
@@ -359,7 +361,24 @@ def test_cpu_compiler_options_parsing(monkeypatch):
   assert parallel.compiler_options('xla_cpu_multi_thread_eigen=false', mesh) == {
       'xla_cpu_multi_thread_eigen': False}  # XLA takes no 'false' string for a bool option
   with pytest.raises(ValueError, match="'fast_math' is not name=value"):
-    parallel.compiler_options('a=1,fast_math', mesh)
+    parallel.compiler_options('fast_math,a=1', mesh)
+  # XLA's list options take several values, comma-separated as XLA_FLAGS writes them.
+  fusions = ('xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE, '
+             'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,xla_cpu_multi_thread_eigen=FALSE')
+  assert parallel.compiler_options(fusions, GpuMesh()) == {}
+  assert parallel.compiler_options(fusions, mesh) == {
+      'xla_cpu_experimental_ynn_fusion_type':
+          'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
+      'xla_cpu_multi_thread_eigen': False}
+  # Both values reach XLA: the second puts a lone matmul into a YNNPACK fusion, the first alone
+  # leaves it to Eigen.
+  matmul = lambda options: jax.jit(jnp.matmul, compiler_options=options).lower(
+      jnp.ones((64, 32)), jnp.ones((32, 64))).compile().as_text()
+  assert 'ynn_fusion' in matmul(parallel.compiler_options(fusions, mesh))
+  assert 'ynn_fusion' not in matmul(parallel.compiler_options(fusions.split(',')[0], mesh))
+  # A value that is not an option's (a name=value missing its '=') is XLA's to refuse.
+  with pytest.raises(ValueError, match="XLA refuses it: .*'true,fast_math'"):
+    parallel.compiler_options('xla_cpu_multi_thread_eigen=true,fast_math', mesh)
   # Refused when the step is built, not at its first step in a JaxRuntimeError's traceback.
   with pytest.raises(ValueError, match=r"cpu_compiler_options='xla_cpu_nope=1': XLA refuses it: "
                      r".*No such compile option: 'xla_cpu_nope'"):
