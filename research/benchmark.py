@@ -45,6 +45,14 @@ thread's time until its next op is counted as theirs, and other time between ops
 its own (research/profiling.py). On accelerators the device's op events are counted (written
 for them, but so far run on CPUs only).
 
+--matmul_floor (GPTs, one device) also times each of the step's matrix products alone, at the
+step's shapes and dtype (`transformer.step_matmuls`: the dense layers' forward, input-gradient and
+weight-gradient products, the tied head's, and the attention's, per query block where the
+attention is 'chunked'), each compiled by itself with the run's XLA options, and prints them and
+their sum, `matmul_floor_ms`, beside the step's time: a step about as long as its products alone
+has no time left to win outside them (BENCHMARKS.md). Products inside the step can overlap, so it
+is a yardstick, not a strict bound.
+
 --mock_data replaces TFDS datasets by random examples of the same shapes and types
 (`tfds.testing.mock_data`), so that image models can be benchmarked on a machine without their
 data: a step's speed does not depend on the pixels.
@@ -53,6 +61,7 @@ data: a step's speed does not depend on the pixels.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
 hostmem.keep_freed_memory()
 import contextlib
+import functools
 import json
 import shlex
 import statistics
@@ -65,6 +74,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
@@ -96,6 +106,8 @@ flags.DEFINE_bool('mock_data', False, 'TFDS datasets replaced by random examples
                   'shapes (tfds.testing.mock_data): benchmark without the data.')
 flags.DEFINE_string('profile_dir', None, 'Trace 3 more steps with jax.profiler into this folder '
                     'and print where their time went (see the module docstring).')
+flags.DEFINE_bool('matmul_floor', False, "GPTs: also time each of the step's matrix products "
+                  'alone and print their sum beside the step time (see the module docstring).')
 flags.mark_flag_as_required('config')
 FLAGS = flags.FLAGS
 PROFILE_STEPS = 3
@@ -148,7 +160,47 @@ class _Timed:
       raise FloatingPointError('The benchmarked steps produced a non-finite loss.')
 
 
-def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None = None) -> dict:
+def matmul_floor(exp, reps: int = 5) -> dict:
+  """Each of the step's products (`transformer.step_matmuls`) timed alone on the run's first
+  device, compiled with the run's XLA options: the median of `reps` calls after two, times how
+  many the step has (and the micro-batches)."""
+  config, model = exp.config, exp.model
+  seq_len = config.data.seq_len
+  micro = config.batch_size // config.grad_accum_steps
+  device = parallel.devices(config.parallel.num_devices)[0]
+  options = parallel.compiler_options(config.parallel.cpu_compiler_options,
+                                      parallel.make_mesh(config.parallel))
+  dummy = jnp.ones((2, seq_len, model.n_head, model.n_embd // model.n_head), model.dtype)
+  chunked = (model.attention if model.attention != 'auto'
+             else transformer.attention_for(dummy, None)) == 'chunked'
+  rows, total = [], {'dense': 0.0, 'attention': 0.0}
+  products = transformer.step_matmuls(model, micro * seq_len, seq_len, chunked)
+  for what, spec, lhs, rhs, count in products:
+    x, y = (jax.device_put(jnp.ones(shape, model.dtype), device) for shape in (lhs, rhs))
+    product = jax.jit(functools.partial(jnp.einsum, spec),
+                      compiler_options=options).lower(x, y).compile()
+    for _ in range(2):
+      jax.block_until_ready(product(x, y))
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      jax.block_until_ready(product(x, y))
+      times.append(time.perf_counter() - start)
+    seconds = statistics.median(times) * count * config.grad_accum_steps
+    flops = transformer.einsum_flops(spec, lhs, rhs) * count * config.grad_accum_steps
+    rows.append((what, seconds, flops))
+    total['attention' if what.startswith('attention') else 'dense'] += seconds
+  print("The step's matrix products timed alone (ms per step, GFLOP/s):")
+  for what, seconds, flops in rows:
+    print(f'{1000 * seconds:10.2f} {flops / seconds / 1e9:8.1f}  {what}')
+  return {'matmul_floor_ms': 1000 * sum(total.values()),
+          'matmul_floor_dense_ms': 1000 * total['dense'],
+          'matmul_floor_attention_ms': 1000 * total['attention'],
+          'matmul_floor_flops': sum(flops for _, _, flops in rows)}
+
+
+def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None = None,
+        floor: bool = False) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     timed = _Timed(config, workdir)
     config = timed.exp.config
@@ -188,6 +240,8 @@ def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None
         vocab_size=config.model.vocab_size if config.model.name == 'gpt' else None,
         device_kind=jax.devices()[0].device_kind, device_count=count, config=name,
         **cpu_record(config.parallel.cpu_compiler_options))
+    if floor:
+      result.update(matmul_floor(timed.exp))
   return result
 
 
@@ -292,6 +346,16 @@ def run_main(argv):
   if FLAGS.profile_dir and (FLAGS.against_torch or FLAGS.compile_only or FLAGS.config_b):
     raise app.UsageError('--profile_dir profiles a plain benchmark run: not with '
                          '--against_torch, --compile_only or --config_b.')
+  if FLAGS.matmul_floor:
+    if FLAGS.against_torch or FLAGS.compile_only or FLAGS.config_b:
+      raise app.UsageError('--matmul_floor goes with a plain benchmark run: not with '
+                           '--against_torch, --compile_only or --config_b.')
+    if FLAGS.config.model.name != 'gpt':
+      raise app.UsageError(f'--matmul_floor lists the products of GPTs; '
+                           f'config.model.name is {FLAGS.config.model.name!r}.')
+    if len(parallel.devices(FLAGS.config.parallel.num_devices)) != 1:
+      raise app.UsageError('--matmul_floor times one device\'s products: set '
+                           '--config.parallel.num_devices=1.')
   overrides = override_flags(config_flags.get_override_values(flags.FLAGS['config']))
   if FLAGS.against_torch:
     if FLAGS.compile_only or FLAGS.config_b is not None:
@@ -316,7 +380,8 @@ def run_main(argv):
       elif FLAGS.compile_only:
         result = compile_only(FLAGS.config, name)
       else:
-        result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name, FLAGS.profile_dir)
+        result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup, name, FLAGS.profile_dir,
+                     FLAGS.matmul_floor)
       if FLAGS.config_b is None:  # --config_b's labels hold them
         result['overrides'] = overrides  # the command line's --config.KEY=VALUE, as given
   except DataError as e:  # the message says what to do (as launch.py): no traceback

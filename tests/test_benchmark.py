@@ -193,3 +193,44 @@ def test_compile_only_gives_xla_s_flops_and_the_model_s():
   assert result['flops_per_step_counts'] == 'one device; loop bodies once'
   ratio = result['model_flops_per_step'] / (result['flops_per_step'] * result['device_count'])
   assert 1.6 < ratio < 2.4, result
+
+
+def test_matmul_floor_times_every_product_of_the_step():
+  """--matmul_floor: each product of the step timed alone, listed, and summed beside the step
+  time; their FLOPs are the step's (one layer of width 128, 4 heads, context 128 in two query
+  blocks of 64, 2 micro-batches of 16 sequences), counted here from the shapes."""
+  done = benchmark('--config.model.n_layer=1', '--config.grad_accum_steps=2',
+                   '--config.parallel.num_devices=1', '--steps=2', '--warmup=1',
+                   '--matmul_floor')
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = done.stdout.strip().splitlines()
+  r = json.loads(lines[-1])
+  table = lines[lines.index("The step's matrix products timed alone (ms per step, GFLOP/s):")
+                + 1:-1]
+  # 5 dense layers (c_attn, attn_proj, c_fc, mlp_proj, the head) x 3 products, 2 blocks x 6.
+  assert len(table) == 15 + 12, table
+  assert [line.split(None, 2)[2] for line in table[-6:]] == [
+      f'attention, queries 64-128: {p}' for p in ('scores', 'values', 'dP', 'dV', 'dQ', 'dK')]
+  ms = [float(line.split()[0]) for line in table]
+  assert r['matmul_floor_ms'] == pytest.approx(sum(ms), abs=0.01 * len(ms))
+  assert r['matmul_floor_ms'] == pytest.approx(
+      r['matmul_floor_dense_ms'] + r['matmul_floor_attention_ms'])
+  assert r['matmul_floor_attention_ms'] == pytest.approx(sum(ms[15:]), abs=0.01 * 12)
+  width, tokens, vocab = 128, 32 * 128, r['vocab_size']
+  dense = 6 * tokens * (12 * width ** 2 + width * vocab)  # the head: the unpadded rows on CPUs
+  attention = 12 * 32 * (64 * 64 + 64 * 128) * width  # 6 products; queries x keys seen
+  assert r['matmul_floor_flops'] == dense + attention
+  assert r['step_ms'] > 0 and r['device_count'] == 1
+
+
+def test_matmul_floor_is_refused_where_it_does_not_apply():
+  mlp = [sys.executable, '-m', 'research.benchmark', '--config=experiments/mnist_mlp.py:cpu']
+  for done, message in (
+      (benchmark('--matmul_floor', '--config_b=experiments/gpt_small.py:cpu'),
+       '--matmul_floor goes with a plain benchmark'),
+      (subprocess.run([*mlp, '--matmul_floor'], capture_output=True, text=True, check=False,
+                      timeout=600), "--matmul_floor lists the products of GPTs; "
+                                    "config.model.name is 'mlp'"),
+      (benchmark('--matmul_floor'), "--matmul_floor times one device's products")):  # TINY: 8
+    assert done.returncode != 0 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr

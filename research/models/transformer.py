@@ -94,6 +94,49 @@ def gpt_flops_per_token(params, n_layer: int, n_embd: int, seq_len: int) -> int:
                          n_layer, n_embd, seq_len)
 
 
+def step_matmuls(model, tokens: int, seq_len: int, chunked: bool) -> list[tuple]:
+  """The matrix products of one GPT training step over `tokens` tokens (sequences of `seq_len`):
+  [(what, einsum spec, lhs shape, rhs shape, how many)]. Dense layers: the forward product, the
+  input gradient and the weight gradient, the head's too (it is the token embedding, whose rows
+  it multiplies as the model does: `vocab_size` on CPUs, the padded table elsewhere; the
+  embedding lookup is no product). Attention per (sequence, head): scores, the
+  weighted sum of values, and the four gradient products (dP, dV, dS K, dS^T Q), per block of
+  `QUERY_CHUNK` queries against the keys they see where `chunked`, else full
+  [seq_len, seq_len]."""
+  c, layers, heads = model.n_embd, model.n_layer, model.n_head
+  rows = (model.vocab_size if jax.default_backend() == 'cpu' and _devices(('vocab',)) == [1]
+          else model.padded_vocab)  # as GPT.__call__ multiplies the head
+  out = []
+  for what, fin, fout, n in (('c_attn', c, 3 * c, layers), ('attn_proj', c, c, layers),
+                             ('c_fc', c, 4 * c, layers), ('mlp_proj', 4 * c, c, layers),
+                             ('head', c, rows, 1)):
+    out += [(f'{what} forward', 'mk,kn->mn', (tokens, fin), (fin, fout), n),
+            (f'{what} input gradient', 'mn,kn->mk', (tokens, fout), (fin, fout), n),
+            (f'{what} weight gradient', 'mk,mn->kn', (tokens, fin), (tokens, fout), n)]
+  batch, head_dim = tokens // seq_len * heads, c // heads
+  block = QUERY_CHUNK if chunked else seq_len
+  for start in range(0, seq_len, block):
+    q, k = min(block, seq_len - start), min(start + block, seq_len)
+    where = f'attention, queries {start}-{start + q}'
+    qs, ks, ss = (batch, q, head_dim), (batch, k, head_dim), (batch, q, k)
+    out += [(f'{where}: scores', 'bqh,bkh->bqk', qs, ks, layers),
+            (f'{where}: values', 'bqk,bkh->bqh', ss, ks, layers),
+            (f'{where}: dP', 'bqh,bkh->bqk', qs, ks, layers),
+            (f'{where}: dV', 'bqk,bqh->bkh', ss, qs, layers),
+            (f'{where}: dQ', 'bqk,bkh->bqh', ss, ks, layers),
+            (f'{where}: dK', 'bqk,bqh->bkh', ss, qs, layers)]
+  return out
+
+
+def einsum_flops(spec: str, lhs: tuple, rhs: tuple) -> int:
+  """2 x the product of every distinct axis size of an einsum of two operands."""
+  ins, _ = spec.split('->')
+  sizes = {}
+  for names, shape in zip(ins.split(','), (lhs, rhs)):
+    sizes.update(zip(names, shape))
+  return 2 * math.prod(sizes.values())
+
+
 def attend(q, k, v, mask, implementation):
   """Causal multi-head attention; q [B, T, N, H], k and v [B, S, N, H] -> [B, T, N, H].
 
