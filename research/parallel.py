@@ -251,9 +251,9 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
   `auto_cpu_options`) as XLA compile options for the jitted steps when the mesh is all CPUs
   (nothing on accelerators), less any option that XLA_FLAGS also sets: the environment wins.
   true / false (any case) are booleans. An item without '=' is one more value of the option
-  before it, for XLA's list options (e.g. `xla_cpu_experimental_ynn_fusion_type=A,B`). An XLA option that does not exist, or a bad value, is
-  refused here, by compiling a one-line program with the options (not at the first step, in a
-  traceback)."""
+  before it, for XLA's list options (e.g. `xla_cpu_experimental_ynn_fusion_type=A,B`). An XLA
+  option that does not exist, or a bad value, is refused here, by compiling a one-line program
+  with the options (not at the first step, in a traceback)."""
   auto = spec.strip().lower() == 'auto'
   spec = resolved_cpu_options(spec)
   options, name = {}, None
