@@ -48,10 +48,10 @@ for them, but so far run on CPUs only).
 --matmul_floor (GPTs, one device) also times each of the step's matrix products alone, at the
 step's shapes and dtype (`transformer.step_matmuls`: the dense layers' forward, input-gradient and
 weight-gradient products, the tied head's, and the attention's, per query block where the
-attention is 'chunked'), each compiled by itself with the run's XLA options, and prints them and
-their sum, `matmul_floor_ms`, beside the step's time: a step about as long as its products alone
-has no time left to win outside them (BENCHMARKS.md). Products inside the step can overlap, so it
-is a yardstick, not a strict bound.
+attention is 'chunked'; `matmul_floor`), each compiled by itself with the run's XLA options, and
+prints them and their sum, `matmul_floor_ms`, beside the step's time: a step about as long as
+its products alone has little time left to win outside them (BENCHMARKS.md). The step's own
+products can overlap one another and its other work, so it is a yardstick, not a strict bound.
 
 --mock_data replaces TFDS datasets by random examples of the same shapes and types
 (`tfds.testing.mock_data`), so that image models can be benchmarked on a machine without their
@@ -61,7 +61,6 @@ data: a step's speed does not depend on the pixels.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
 hostmem.keep_freed_memory()
 import contextlib
-import functools
 import json
 import shlex
 import statistics
@@ -160,42 +159,59 @@ class _Timed:
       raise FloatingPointError('The benchmarked steps produced a non-finite loss.')
 
 
-def matmul_floor(exp, reps: int = 5) -> dict:
+def matmul_floor(exp, step_ms: float, reps: int = 5) -> dict:
   """Each of the step's products (`transformer.step_matmuls`) timed alone on the run's first
-  device, compiled with the run's XLA options: the median of `reps` calls after two, times how
-  many the step has (and the micro-batches)."""
+  device, at the step's shapes and dtype, compiled with the run's XLA options: the median of
+  `reps` calls after two (each call's dispatch, tens of microseconds, included), times how many
+  the step has (layers, micro-batches). Where the step computes its batch as independent parts
+  (`config.parallel.cpu_batch_parts`), each product is timed as that many part-sized products in
+  one program, which XLA runs at once, as in the step. Not listed: cuDNN's fused attention (one
+  kernel, not six products) and the forward products that `config.model.remat` recomputes."""
   config, model = exp.config, exp.model
   seq_len = config.data.seq_len
-  micro = config.batch_size // config.grad_accum_steps
+  mesh = parallel.make_mesh(config.parallel)
+  parts = parallel.batch_parts(config.parallel, mesh)
+  part_tokens = config.batch_size // config.grad_accum_steps // parts * seq_len
   device = parallel.devices(config.parallel.num_devices)[0]
-  options = parallel.compiler_options(config.parallel.cpu_compiler_options,
-                                      parallel.make_mesh(config.parallel))
-  dummy = jnp.ones((2, seq_len, model.n_head, model.n_embd // model.n_head), model.dtype)
-  chunked = (model.attention if model.attention != 'auto'
-             else transformer.attention_for(dummy, None)) == 'chunked'
+  options = parallel.compiler_options(config.parallel.cpu_compiler_options, mesh)
+  attention = model.attention
+  if attention == 'auto':
+    head_dim = model.n_embd // model.n_head
+    attention = transformer.attention_for(jax.ShapeDtypeStruct(
+        (1, seq_len, model.n_head, head_dim), jnp.dtype(model.dtype)), None)
   rows, total = [], {'dense': 0.0, 'attention': 0.0}
-  products = transformer.step_matmuls(model, micro * seq_len, seq_len, chunked)
-  for what, spec, lhs, rhs, count in products:
-    x, y = (jax.device_put(jnp.ones(shape, model.dtype), device) for shape in (lhs, rhs))
-    product = jax.jit(functools.partial(jnp.einsum, spec),
-                      compiler_options=options).lower(x, y).compile()
+  for what, spec, lhs, rhs, count in transformer.step_matmuls(
+      model, part_tokens, seq_len, chunked=attention == 'chunked'):
+    if attention == 'cudnn' and what.startswith('attention'):
+      continue
+    xs, ys = ([jax.device_put(jnp.full(shape, 1 + i, model.dtype), device) for i in range(parts)]
+              for shape in (lhs, rhs))
+    product = jax.jit(lambda xs, ys, spec=spec: [jnp.einsum(spec, x, y) for x, y in zip(xs, ys)],
+                      compiler_options=options).lower(xs, ys).compile()
     for _ in range(2):
-      jax.block_until_ready(product(x, y))
+      jax.block_until_ready(product(xs, ys))
     times = []
     for _ in range(reps):
       start = time.perf_counter()
-      jax.block_until_ready(product(x, y))
+      jax.block_until_ready(product(xs, ys))
       times.append(time.perf_counter() - start)
     seconds = statistics.median(times) * count * config.grad_accum_steps
-    flops = transformer.einsum_flops(spec, lhs, rhs) * count * config.grad_accum_steps
+    flops = transformer.einsum_flops(spec, lhs, rhs) * parts * count * config.grad_accum_steps
     rows.append((what, seconds, flops))
     total['attention' if what.startswith('attention') else 'dense'] += seconds
-  print("The step's matrix products timed alone (ms per step, GFLOP/s):")
+  at_once = f', {parts} part-sized products at once' if parts > 1 else ''
+  print(f"The step's matrix products timed alone (ms per step, GFLOP/s{at_once}):")
   for what, seconds, flops in rows:
     print(f'{1000 * seconds:10.2f} {flops / seconds / 1e9:8.1f}  {what}')
-  return {'matmul_floor_ms': 1000 * sum(total.values()),
+  floor_ms = 1000 * sum(total.values())
+  print(f'{floor_ms:10.2f} ms in all, one product after another; the step: {step_ms:.2f} ms'
+        + (" (cuDNN's fused attention not listed)" if attention == 'cudnn' else '')
+        + (f" (config.model.remat={model.remat!r}: its recomputed products not listed)"
+           if model.remat != 'none' else ''))
+  return {'matmul_floor_ms': floor_ms,
           'matmul_floor_dense_ms': 1000 * total['dense'],
-          'matmul_floor_attention_ms': 1000 * total['attention'],
+          'matmul_floor_attention_ms': (None if attention == 'cudnn'
+                                        else 1000 * total['attention']),
           'matmul_floor_flops': sum(flops for _, _, flops in rows)}
 
 
@@ -241,7 +257,7 @@ def run(config, steps: int, warmup: int, name: str = '', profile_dir: str | None
         device_kind=jax.devices()[0].device_kind, device_count=count, config=name,
         **cpu_record(config.parallel.cpu_compiler_options))
     if floor:
-      result.update(matmul_floor(timed.exp))
+      result.update(matmul_floor(timed.exp, 1000 * step_s))
   return result
 
 

@@ -251,15 +251,16 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
   `auto_cpu_options`) as XLA compile options for the jitted steps when the mesh is all CPUs
   (nothing on accelerators), less any option that XLA_FLAGS also sets: the environment wins.
   true / false (any case) are booleans. An item without '=' is one more value of the option
-  before it, for XLA's list options (e.g. `xla_cpu_experimental_ynn_fusion_type=A,B`). An XLA
+  before it, for XLA's list options (e.g. `xla_cpu_experimental_ynn_fusion_type=A,B`), unless it
+  starts with 'xla_': an option that lost its '=value' is refused, not taken as a value. An XLA
   option that does not exist, or a bad value, is refused here, by compiling a one-line program
   with the options (not at the first step, in a traceback)."""
   auto = spec.strip().lower() == 'auto'
   spec = resolved_cpu_options(spec)
   options, name = {}, None
   for item in filter(None, (part.strip() for part in spec.split(','))):
-    if '=' not in item and name is not None:  # another value of a list option: name=A,B
-      options[name] = f'{options[name]},{item}'
+    if '=' not in item and name is not None and not item.lower().startswith('xla_'):
+      options[name] = f'{options[name]},{item}'  # another value of a list option: name=A,B
       continue
     name, sep, value = item.partition('=')
     name, value = name.strip(), value.strip()

@@ -165,7 +165,6 @@ def test_save_with_fsdp_restore_with_data_parallelism(tmp_path):
 _LOAD_ON_ONE_DEVICE = """
 import sys
 import jax
-import jax.numpy as jnp
 import numpy as np
 from research import checkpoint, sample
 assert jax.device_count() == 1, jax.devices()
@@ -362,6 +361,9 @@ def test_cpu_compiler_options_parsing(monkeypatch):
       'xla_cpu_multi_thread_eigen': False}  # XLA takes no 'false' string for a bool option
   with pytest.raises(ValueError, match="'fast_math' is not name=value"):
     parallel.compiler_options('fast_math,a=1', mesh)
+  # An option that lost its '=value' after another is refused, not taken as that one's value.
+  with pytest.raises(ValueError, match="'xla_cpu_enable_fast_math' is not name=value"):
+    parallel.compiler_options('xla_dump_hlo_pass_re=foo,xla_cpu_enable_fast_math', mesh)
   # XLA's list options take several values, comma-separated as XLA_FLAGS writes them.
   fusions = ('xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE, '
              'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,xla_cpu_multi_thread_eigen=FALSE')

@@ -107,12 +107,15 @@ def step_matmuls(model, tokens: int, seq_len: int, chunked: bool) -> list[tuple]
   rows = (model.vocab_size if jax.default_backend() == 'cpu' and _devices(('vocab',)) == [1]
           else model.padded_vocab)  # as GPT.__call__ multiplies the head
   out = []
-  for what, fin, fout, n in (('c_attn', c, 3 * c, layers), ('attn_proj', c, c, layers),
-                             ('c_fc', c, 4 * c, layers), ('mlp_proj', 4 * c, c, layers),
-                             ('head', c, rows, 1)):
-    out += [(f'{what} forward', 'mk,kn->mn', (tokens, fin), (fin, fout), n),
-            (f'{what} input gradient', 'mn,kn->mk', (tokens, fout), (fin, fout), n),
-            (f'{what} weight gradient', 'mk,mn->kn', (tokens, fin), (tokens, fout), n)]
+  for what, fin, fout in (('c_attn', c, 3 * c), ('attn_proj', c, c), ('c_fc', c, 4 * c),
+                          ('mlp_proj', 4 * c, c)):  # kernels [in, out]
+    out += [(f'{what} forward', 'mk,kn->mn', (tokens, fin), (fin, fout), layers),
+            (f'{what} input gradient', 'mn,kn->mk', (tokens, fout), (fin, fout), layers),
+            (f'{what} weight gradient', 'mk,mn->kn', (tokens, fin), (tokens, fout), layers)]
+  # The head: x @ table.T, the table [rows, width].
+  out += [('head forward', 'mk,nk->mn', (tokens, c), (rows, c), 1),
+          ('head input gradient', 'mn,nk->mk', (tokens, rows), (rows, c), 1),
+          ('head weight gradient', 'mn,mk->nk', (tokens, rows), (tokens, c), 1)]
   batch, head_dim = tokens // seq_len * heads, c // heads
   block = QUERY_CHUNK if chunked else seq_len
   for start in range(0, seq_len, block):
