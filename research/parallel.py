@@ -230,9 +230,14 @@ def cpu_model() -> str | None:
   return _cpuinfo('model name')
 
 
+def is_auto(spec: str) -> bool:
+  """Whether `config.parallel.cpu_compiler_options` is 'auto' (any case, spaces around)."""
+  return spec.strip().lower() == 'auto'
+
+
 def resolved_cpu_options(spec: str) -> str:
-  """`config.parallel.cpu_compiler_options` with 'auto' (any case) replaced by its choice here."""
-  return auto_cpu_options(cpu_flags()) if spec.strip().lower() == 'auto' else spec
+  """`config.parallel.cpu_compiler_options` with 'auto' replaced by its choice here."""
+  return auto_cpu_options(cpu_flags()) if is_auto(spec) else spec
 
 
 def auto_cpu_options(flags: set[str] | None) -> str:
@@ -255,7 +260,7 @@ def compiler_options(spec: str, mesh: Mesh) -> dict:
   starts with 'xla_': an option that lost its '=value' is refused, not taken as a value. An XLA
   option that does not exist, or a bad value, is refused here, by compiling a one-line program
   with the options (not at the first step, in a traceback)."""
-  auto = spec.strip().lower() == 'auto'
+  auto = is_auto(spec)
   spec = resolved_cpu_options(spec)
   options, name = {}, None
   for item in filter(None, (part.strip() for part in spec.split(','))):
@@ -324,7 +329,7 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
         put_state=lambda state: state, get_state=lambda state: state,
         get_metrics=lambda metrics: metrics, state_sharding=state_sharding)
   if mode == 'pmap':
-    if cpu_compiler_options.strip().lower() not in ('', 'auto') and all_cpu(mesh):
+    if cpu_compiler_options.strip() and not is_auto(cpu_compiler_options) and all_cpu(mesh):
       warnings.warn('config.parallel.cpu_compiler_options is not applied with '
                     'parallel.mode=pmap (jax.pmap takes no compiler options).', stacklevel=2)
     if mesh.shape['fsdp'] > 1 or mesh.shape['tensor'] > 1:

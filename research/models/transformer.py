@@ -104,8 +104,7 @@ def step_matmuls(model, tokens: int, seq_len: int, chunked: bool) -> list[tuple]
   `QUERY_CHUNK` queries against the keys they see where `chunked`, else full
   [seq_len, seq_len]."""
   c, layers, heads = model.n_embd, model.n_layer, model.n_head
-  rows = (model.vocab_size if jax.default_backend() == 'cpu' and _devices(('vocab',)) == [1]
-          else model.padded_vocab)  # as GPT.__call__ multiplies the head
+  rows = model.vocab_size if _head_drops_padding() else model.padded_vocab
   out = []
   for what, fin, fout in (('c_attn', c, 3 * c), ('attn_proj', c, c), ('c_fc', c, 4 * c),
                           ('mlp_proj', 4 * c, c)):  # kernels [in, out]
@@ -291,6 +290,12 @@ def _merges_in_place(names) -> bool:
   return all(n == 1 for n in _devices(names)[1:])
 
 
+def _head_drops_padding() -> bool:
+  """Whether the tied head drops the embedding's padding rows before its matmul (GPT.__call__):
+  on CPUs, unless the vocabulary is split over devices."""
+  return jax.default_backend() == 'cpu' and _devices(('vocab',)) == [1]
+
+
 class Block(nn.Module):
   """x + attention(ln_1(x)), then x + mlp(ln_2(x)); called as a scan body: (x, _) -> (x, None)."""
   n_head: int
@@ -459,7 +464,7 @@ class GPT(nn.Module):
     # they are dropped before the matmul (nano's 384 rows are 257 tokens: its step 2% faster,
     # BENCHMARKS.md); elsewhere after it, so that the matmul keeps the width that tiles well,
     # and where the vocabulary is split over devices (slicing it would gather it).
-    if jax.default_backend() == 'cpu' and _devices(('vocab',)) == [1]:
+    if _head_drops_padding():
       head = wte.embedding[:self.vocab_size].astype(self.dtype)
       logits = constrain(x @ head.T, ('batch', 'length', None))
     else:
