@@ -53,9 +53,12 @@ prints them and their sum, `matmul_floor_ms`, beside the step's time: a step abo
 its products alone has little time left to win outside them (BENCHMARKS.md). The step's own
 products can overlap one another and its other work, so it is a yardstick, not a strict bound.
 
---mock_data replaces TFDS datasets by random examples of the same shapes and types
-(`tfds.testing.mock_data`), so that image models can be benchmarked on a machine without their
-data: a step's speed does not depend on the pixels.
+--mock_data replaces the data by random examples of the same shapes and types, so that a model
+can be benchmarked on a machine without its data: a step's speed does not depend on the pixels
+or the words. TFDS datasets: `tfds.testing.mock_data` (which needs TensorFlow). Language models:
+uniformly random tokens of the vocabulary the config fixes (257 for the byte tokenizer, 50,257
+for gpt2, config.data.vocab_size for bpe), so no text is read and no tokenizer trained (a
+'char' alphabet comes from the text, and is refused).
 """
 # First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -68,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -82,6 +86,8 @@ from research import metrics as metrics_lib
 from research import parallel
 from research import profiling
 from research import train
+from research.data import text
+from research.data import tokenizers
 from research.data.image import DataError
 from research.models import transformer
 
@@ -110,6 +116,7 @@ flags.DEFINE_bool('matmul_floor', False, "GPTs: also time each of the step's mat
 flags.mark_flag_as_required('config')
 FLAGS = flags.FLAGS
 PROFILE_STEPS = 3
+GPT2_VOCAB = 50257  # GPT-2's BPE (tiktoken's 'gpt2'), for --mock_data
 
 
 def peak_memory_bytes(compiled_step) -> tuple[int | None, str]:
@@ -309,10 +316,46 @@ def override_flags(values: dict, flag: str = 'config') -> list[str]:
 
 
 def mock_data(config):
-  """TFDS's mock data, enough examples for a few batches of the experiment."""
+  """Random examples of the experiment's shapes (module docstring), for the `with` it opens."""
+  if config.data.name == 'text':
+    return mock_tokens(config)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.testing.mock_data(num_examples=max(256, 4 * config.batch_size),
                                 policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+class _Vocabulary(tokenizers.Tokenizer):
+  """Token ids without text: what --mock_data's random tokens are drawn from."""
+
+  def __init__(self, kind: str, vocab_size: int):
+    self.kind, self.vocab_size, self.eot_id = kind, vocab_size, vocab_size - 1
+
+
+def mock_tokens(config):
+  """text.build_lm_data replaced by windows of uniformly random tokens (no corpus read, no
+  tokenizer built), each process drawing its own rows of every batch as from real text."""
+  kind = config.data.tokenizer
+  vocab_size = {'byte': tokenizers.ByteTokenizer.vocab_size, 'gpt2': GPT2_VOCAB,
+                'bpe': config.data.vocab_size}.get(kind)
+  if not vocab_size:
+    raise app.UsageError(
+        f'--mock_data draws random tokens of the vocabulary the config fixes, but '
+        f'config.data.tokenizer={kind!r} ' + ('learns its alphabet from the text' if kind ==
+                                              'char' else 'has no config.data.vocab_size') +
+        ": benchmark with the data, or with --config.data.tokenizer=byte (or bpe and a "
+        'config.data.vocab_size).')
+
+  def build_lm_data(source, tokenizer_kind, seq_len, batch_size, seed, eval_batch_size=None,
+                    process_index=0, process_count=1, **unused):
+    del source, tokenizer_kind, unused
+    tokens = np.random.default_rng(seed).integers(
+        0, vocab_size, size=4 * batch_size * (seq_len + 1), dtype=np.int32)
+    train_data = text.LMDataset(tokens, seq_len, batch_size, seed, process_index, process_count)
+    evals = text.eval_batches(tokens, seq_len, eval_batch_size or batch_size, 1, process_index,
+                              process_count)
+    return text.LMData(_Vocabulary(kind, vocab_size), train_data, evals)
+
+  return mock.patch.object(text, 'build_lm_data', build_lm_data)
 
 
 def against_torch(name: str, overrides: list[str], rounds: int, steps: int, warmup: int,

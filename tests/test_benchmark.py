@@ -109,6 +109,28 @@ def test_image_models_run_on_mock_data_against_their_reference():
   assert r['ours_params'] == r['torch_params'] == 62_006  # LeNet-5 for 32x32x3 images, 10 classes
 
 
+def test_a_language_model_runs_on_random_tokens_without_its_corpus():
+  """--mock_data for a GPT: random tokens of the vocabulary the config fixes (here a BPE of
+  1000), with no text read and no tokenizer trained; the same command without it fails on the
+  missing corpus. A 'char' alphabet, which only the text gives, is refused in one line."""
+  args = ('--config.model.n_layer=1', '--config.data.tokenizer=bpe',
+          '--config.data.vocab_size=1000', '--config.data.source=/no/such/corpus.txt',
+          '--steps=1', '--warmup=0')
+  done = benchmark(*args, '--mock_data')
+  assert done.returncode == 0, done.stderr[-3000:]
+  r = json.loads(done.stdout.strip().splitlines()[-1])
+  # One layer of width 128, the final norm, the token table (1000 rows padded to 1024) and
+  # the position table.
+  assert r['vocab_size'] == 1000
+  assert r['params'] == 12 * 128 ** 2 + 13 * 128 + 2 * 128 + 128 * (1024 + r['seq_len'])
+  missing = benchmark(*args)
+  assert missing.returncode != 0
+  assert "config.data.source='/no/such/corpus.txt' is not a file" in missing.stderr
+  refused = benchmark('--mock_data', '--config.data.tokenizer=char', '--steps=1')
+  assert refused.returncode != 0 and 'Traceback' not in refused.stderr
+  assert "config.data.tokenizer='char' learns its alphabet from the text" in refused.stderr
+
+
 def test_config_b_is_compared_in_the_same_process():
   # B has three layers where A has one. Which is faster is the machine's to say (timings are
   # benchmarks, not tests); what each side ran is asserted through its parameter count.
