@@ -84,13 +84,16 @@ shakespeare=(--config=experiments/shakespeare_char.py "--config.data.source=$dat
 
 case $group in
   gpt)
-    # The default (8 micro-batches of 64, layers unrolled, cuDNN attention), its matmuls timed
-    # alone and a profile of where its time goes; then nanoGPT's model at the same 8 x 64.
-    run default 300 "${bench[@]}" "${gpt[@]}" --steps=6 --warmup=2 --matmul_floor --profile_dir=/tmp/prof
+    # The default (8 micro-batches of 64, layers unrolled, cuDNN attention) and nanoGPT's
+    # model at the same 8 x 64; then cuBLAS for every GEMM; last (the profiler has not run on a
+    # GPU here yet), the default again with its matmuls timed alone and a profile.
+    run default 240 "${bench[@]}" "${gpt[@]}" --steps=6 --warmup=2
     run torch_8x64 300 python3 -m research.torch_reference --config=experiments/gpt_small.py \
       "${gpt_args[@]}" --vocab_size=50304 "--device=$device" --compile --steps=6 --warmup=2
     run no_triton_gemm 240 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
       "${bench[@]}" "${gpt[@]}" --steps=6 --warmup=2
+    run default_floor_profile 240 "${bench[@]}" "${gpt[@]}" --steps=3 --warmup=2 --matmul_floor \
+      --profile_dir=/tmp/prof
     ;;
   more)
     run remat_dots_4x128 240 "${bench[@]}" "${gpt[@]}" --config.grad_accum_steps=4 \
