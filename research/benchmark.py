@@ -447,6 +447,9 @@ def run_main(argv):
     sys.exit(f'DataError: {e}' + (' (Or benchmark on made-up examples of its shapes: '
                                   '--mock_data.)' if 'TFDS' in str(e) else ''))
   except cli.OUR_ERRORS as e:
+    if (isinstance(e, FileNotFoundError) and FLAGS.config.data.name == 'text'
+        and cli.raised_here(e)):  # the corpus is not there
+      sys.exit(f'{type(e).__name__}: {e} (Or benchmark on random tokens: --mock_data.)')
     cli.exit_if_ours(e)
     raise
   print(json.dumps(result))

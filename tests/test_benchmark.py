@@ -126,6 +126,7 @@ def test_a_language_model_runs_on_random_tokens_without_its_corpus():
   missing = benchmark(*args)
   assert missing.returncode != 0
   assert "config.data.source='/no/such/corpus.txt' is not a file" in missing.stderr
+  assert missing.stderr.strip().endswith('(Or benchmark on random tokens: --mock_data.)')
   refused = benchmark('--mock_data', '--config.data.tokenizer=char', '--steps=1')
   assert refused.returncode != 0 and 'Traceback' not in refused.stderr
   assert "config.data.tokenizer='char' learns its alphabet from the text" in refused.stderr
