@@ -58,7 +58,8 @@ can be benchmarked on a machine without its data: a step's speed does not depend
 or the words. TFDS datasets: `tfds.testing.mock_data` (which needs TensorFlow). Language models:
 uniformly random tokens of the vocabulary the config fixes (257 for the byte tokenizer, 50,257
 for gpt2, config.data.vocab_size for bpe), so no text is read and no tokenizer trained (a
-'char' alphabet comes from the text, and is refused).
+'char' alphabet comes from the text, which is then read as usual; a tfds: source from TFDS's
+mock data). Other datasets (mnist_idx, synthetic_linear) are read as usual.
 """
 # First, before JAX creates its CPU client: see research/hostmem.py.
 from research import hostmem  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -107,8 +108,9 @@ flags.DEFINE_bool('against_torch', False, 'Alternate rounds of this benchmark an
 flags.DEFINE_integer('rounds', 3, 'With --against_torch: how many rounds (ours, then PyTorch).',
                      lower_bound=1)
 flags.DEFINE_string('torch_args', '', 'With --against_torch: extra flags for the reference.')
-flags.DEFINE_bool('mock_data', False, 'TFDS datasets replaced by random examples of the same '
-                  'shapes (tfds.testing.mock_data): benchmark without the data.')
+flags.DEFINE_bool('mock_data', False, 'Benchmark without the data: TFDS datasets replaced by '
+                  'random examples of the same shapes (tfds.testing.mock_data), a language '
+                  "model's text by random tokens of its vocabulary (see the module docstring).")
 flags.DEFINE_string('profile_dir', None, 'Trace 3 more steps with jax.profiler into this folder '
                     'and print where their time went (see the module docstring).')
 flags.DEFINE_bool('matmul_floor', False, "GPTs: also time each of the step's matrix products "
@@ -317,10 +319,13 @@ def override_flags(values: dict, flag: str = 'config') -> list[str]:
 
 def mock_data(config):
   """Random examples of the experiment's shapes (module docstring), for the `with` it opens."""
-  if config.data.name == 'text':
-    return mock_tokens(config)
+  return mock_tokens() if config.data.name == 'text' else tfds_mock_data(config.batch_size)
+
+
+def tfds_mock_data(batch_size: int):
+  """TFDS's mock data, enough examples for a few batches."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.testing.mock_data(num_examples=max(256, 4 * config.batch_size),
+  return tfds.testing.mock_data(num_examples=max(256, 4 * batch_size),
                                 policy=tfds.testing.MockPolicy.USE_CODE)
 
 
@@ -331,29 +336,30 @@ class _Vocabulary(tokenizers.Tokenizer):
     self.kind, self.vocab_size, self.eot_id = kind, vocab_size, vocab_size - 1
 
 
-def mock_tokens(config):
-  """text.build_lm_data replaced by windows of uniformly random tokens (no corpus read, no
-  tokenizer built), each process drawing its own rows of every batch as from real text."""
-  kind = config.data.tokenizer
-  vocab_size = {'byte': tokenizers.ByteTokenizer.vocab_size, 'gpt2': GPT2_VOCAB,
-                'bpe': config.data.vocab_size}.get(kind)
-  if not vocab_size:
-    raise app.UsageError(
-        f'--mock_data draws random tokens of the vocabulary the config fixes, but '
-        f'config.data.tokenizer={kind!r} ' + ('learns its alphabet from the text' if kind ==
-                                              'char' else 'has no config.data.vocab_size') +
-        ": benchmark with the data, or with --config.data.tokenizer=byte (or bpe and a "
-        'config.data.vocab_size).')
+def mock_tokens():
+  """text.build_lm_data replaced, for every config built inside (--config and --config_b), by
+  windows of uniformly random tokens of the vocabulary that config fixes (no corpus read, no
+  tokenizer built), each process drawing its own rows of every batch as from real text. A
+  'char' alphabet comes from the text: that is read as usual (TFDS's mock text for a tfds:
+  source)."""
+  read_text = text.build_lm_data
 
   def build_lm_data(source, tokenizer_kind, seq_len, batch_size, seed, eval_batch_size=None,
-                    process_index=0, process_count=1, **unused):
-    del source, tokenizer_kind, unused
+                    vocab_size=None, process_index=0, process_count=1, **kwargs):
+    size = {'byte': tokenizers.ByteTokenizer.vocab_size, 'gpt2': GPT2_VOCAB,
+            'bpe': vocab_size}.get(tokenizer_kind)
+    if not size:
+      with (tfds_mock_data(batch_size) if source.startswith('tfds:')
+            else contextlib.nullcontext()):
+        return read_text(source, tokenizer_kind, seq_len, batch_size, seed,
+                         eval_batch_size=eval_batch_size, vocab_size=vocab_size,
+                         process_index=process_index, process_count=process_count, **kwargs)
     tokens = np.random.default_rng(seed).integers(
-        0, vocab_size, size=4 * batch_size * (seq_len + 1), dtype=np.int32)
+        0, size, size=4 * batch_size * (seq_len + 1), dtype=np.int32)
     train_data = text.LMDataset(tokens, seq_len, batch_size, seed, process_index, process_count)
     evals = text.eval_batches(tokens, seq_len, eval_batch_size or batch_size, 1, process_index,
                               process_count)
-    return text.LMData(_Vocabulary(kind, vocab_size), train_data, evals)
+    return text.LMData(_Vocabulary(tokenizer_kind, size), train_data, evals)
 
   return mock.patch.object(text, 'build_lm_data', build_lm_data)
 
@@ -449,7 +455,9 @@ def run_main(argv):
   except cli.OUR_ERRORS as e:
     if (isinstance(e, FileNotFoundError) and FLAGS.config.data.name == 'text'
         and cli.raised_here(e)):  # the corpus is not there
-      sys.exit(f'{type(e).__name__}: {e} (Or benchmark on random tokens: --mock_data.)')
+      sys.exit(f'{type(e).__name__}: {e} ' + (
+          "(--mock_data reads the text of a 'char' tokenizer, whose alphabet comes from it.)"
+          if FLAGS.mock_data else '(Or benchmark on random tokens: --mock_data.)'))
     cli.exit_if_ours(e)
     raise
   print(json.dumps(result))

@@ -14,9 +14,11 @@
 # requirements.txt` worked, skip `prepare` and give the data to the group with BENCH_DATA=DIR.
 # GPT-2 small runs on random tokens (`--mock_data`): no corpus, no tokenizer training.
 #
-# Each run appends its last line (the benchmark's JSON) to OUT/results.jsonl, as
-# {"run": NAME, ...}, or {"run": NAME, "failed": EXIT_STATUS}, as soon as it ends, and what it
-# printed to OUT/log.txt: a command cut short keeps the runs that finished. OUT defaults to $OUT.
+# Each run appends its JSON line to OUT/results.jsonl, as {"run": NAME, ...}, or {"run": NAME,
+# "failed": EXIT_STATUS}, as soon as it ends, and what it prints to OUT/log.txt as it prints it:
+# a command cut short keeps the runs that finished and the output of the one it cut. OUT
+# defaults to $OUT. Profiles are written to /tmp (too many files to come back from a device
+# call): their summary, printed, is in the log.
 # GPT_ARGS and CHAR_ARGS add config overrides to the GPT-2 small and shakespeare_char runs and
 # TORCH_DEVICE (default cuda) picks the reference's device: with tiny models and cpu, the groups
 # run on a CPU as a check of this file.
@@ -56,16 +58,16 @@ print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, 
       optax.__version__, "orbax", o.__version__, "torch", torch.__version__, jax.devices())'
 } > "$out/versions.txt" 2>&1
 
-# run NAME SECONDS COMMAND...: the command under a time limit, its output to the log, its last
-# line (JSON) to the results.
+# run NAME SECONDS COMMAND...: the command under a time limit, all it prints to the log as it
+# prints it (a run cut short by the device call's own limit leaves its output there), its last
+# line of standard output that starts with '{' (the JSON) to the results.
 run() {
-  local name=$1 limit=$2 output status
+  local name=$1 limit=$2 status
   shift 2
   echo "=== $name: $*" | tee -a "$out/log.txt"
-  output=$(timeout "$limit" "$@" 2>&1)
-  status=$?
-  printf '%s\n' "$output" >> "$out/log.txt"
-  printf '%s\n' "$output" | tail -n 1 | python3 -c '
+  timeout "$limit" "$@" 2>> "$out/log.txt" | tee -a "$out/log.txt" > "$out/stdout.txt"
+  status=${PIPESTATUS[0]}
+  grep '^{' "$out/stdout.txt" | tail -n 1 | python3 -c '
 import json, sys
 name, status = sys.argv[1], int(sys.argv[2])
 try:
@@ -87,10 +89,10 @@ case $group in
     # The default (8 micro-batches of 64, layers unrolled, cuDNN attention) and nanoGPT's
     # model at the same 8 x 64; then cuBLAS for every GEMM; last (the profiler has not run on a
     # GPU here yet), the default again with its matmuls timed alone and a profile.
-    run default 240 "${bench[@]}" "${gpt[@]}" --steps=6 --warmup=2
-    run torch_8x64 300 python3 -m research.torch_reference --config=experiments/gpt_small.py \
+    run default 150 "${bench[@]}" "${gpt[@]}" --steps=6 --warmup=2
+    run torch_8x64 200 python3 -m research.torch_reference --config=experiments/gpt_small.py \
       "${gpt_args[@]}" --vocab_size=50304 "--device=$device" --compile --steps=6 --warmup=2
-    run no_triton_gemm 240 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
+    run no_triton_gemm 150 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
       "${bench[@]}" "${gpt[@]}" --steps=6 --warmup=2
     run default_floor_profile 240 "${bench[@]}" "${gpt[@]}" --steps=3 --warmup=2 --matmul_floor \
       --profile_dir=/tmp/prof

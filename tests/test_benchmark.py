@@ -110,26 +110,35 @@ def test_image_models_run_on_mock_data_against_their_reference():
 
 
 def test_a_language_model_runs_on_random_tokens_without_its_corpus():
-  """--mock_data for a GPT: random tokens of the vocabulary the config fixes (here a BPE of
-  1000), with no text read and no tokenizer trained; the same command without it fails on the
-  missing corpus. A 'char' alphabet, which only the text gives, is refused in one line."""
-  args = ('--config.model.n_layer=1', '--config.data.tokenizer=bpe',
-          '--config.data.vocab_size=1000', '--config.data.source=/no/such/corpus.txt',
-          '--steps=1', '--warmup=0')
-  done = benchmark(*args, '--mock_data')
+  """--mock_data for GPTs: random tokens of the vocabulary each config fixes (A: a BPE of 1000
+  tokens, B: bytes), with no text read and no tokenizer trained; the same command without it
+  fails on the missing corpus, in one line that names --mock_data. A 'char' alphabet comes
+  only from the text: that is read (TFDS's mock text for a tfds: source; a missing file is
+  said in one line)."""
+  missing = ('--config.model.n_layer=1', '--config.data.source=/no/such/corpus.txt',
+             '--steps=1', '--warmup=0')
+  bpe = ('--config.data.tokenizer=bpe', '--config.data.vocab_size=1000')
+  done = benchmark(*missing, *bpe, '--mock_data', '--config_b=experiments/gpt_small.py:cpu',
+                   '--config_b.model.n_layer=1', '--config_b.data.source=/no/such/corpus.txt')
   assert done.returncode == 0, done.stderr[-3000:]
   r = json.loads(done.stdout.strip().splitlines()[-1])
-  # One layer of width 128, the final norm, the token table (1000 rows padded to 1024) and
-  # the position table.
-  assert r['vocab_size'] == 1000
-  assert r['params'] == 12 * 128 ** 2 + 13 * 128 + 2 * 128 + 128 * (1024 + r['seq_len'])
-  missing = benchmark(*args)
-  assert missing.returncode != 0
-  assert "config.data.source='/no/such/corpus.txt' is not a file" in missing.stderr
-  assert missing.stderr.strip().endswith('(Or benchmark on random tokens: --mock_data.)')
-  refused = benchmark('--mock_data', '--config.data.tokenizer=char', '--steps=1')
-  assert refused.returncode != 0 and 'Traceback' not in refused.stderr
-  assert "config.data.tokenizer='char' learns its alphabet from the text" in refused.stderr
+  # One layer of width 128, the final norm, the token table (the vocabulary padded to a
+  # multiple of 128: 1024 rows for 1000 tokens, 384 for 257 bytes) and the position table.
+  params = lambda rows: 12 * 128 ** 2 + 13 * 128 + 2 * 128 + 128 * (rows + 128)
+  assert (r['a_params'], r['b_params']) == (params(1024), params(384))
+  without = benchmark(*missing, *bpe)
+  assert without.returncode != 0 and 'Traceback' not in without.stderr
+  assert "config.data.source='/no/such/corpus.txt' is not a file" in without.stderr
+  assert without.stderr.strip().endswith('(Or benchmark on random tokens: --mock_data.)')
+  char = benchmark(*missing, '--config.data.tokenizer=char', '--mock_data')
+  assert char.returncode != 0 and 'Traceback' not in char.stderr
+  assert "reads the text of a 'char' tokenizer" in char.stderr
+  tfds_char = subprocess.run(
+      [sys.executable, '-m', 'research.benchmark', '--config=experiments/shakespeare_char.py:cpu',
+       '--config.model.n_layer=1', '--mock_data',
+       '--steps=1', '--warmup=0'], capture_output=True, text=True, check=False, timeout=600)
+  assert tfds_char.returncode == 0, tfds_char.stderr[-3000:]
+  assert json.loads(tfds_char.stdout.strip().splitlines()[-1])['tokens_per_sec'] > 0
 
 
 def test_config_b_is_compared_in_the_same_process():
