@@ -118,7 +118,6 @@ flags.DEFINE_bool('matmul_floor', False, "GPTs: also time each of the step's mat
 flags.mark_flag_as_required('config')
 FLAGS = flags.FLAGS
 PROFILE_STEPS = 3
-GPT2_VOCAB = 50257  # GPT-2's BPE (tiktoken's 'gpt2'), for --mock_data
 
 
 def peak_memory_bytes(compiled_step) -> tuple[int | None, str]:
@@ -346,8 +345,8 @@ def mock_tokens():
 
   def build_lm_data(source, tokenizer_kind, seq_len, batch_size, seed, eval_batch_size=None,
                     vocab_size=None, process_index=0, process_count=1, **kwargs):
-    size = {'byte': tokenizers.ByteTokenizer.vocab_size, 'gpt2': GPT2_VOCAB,
-            'bpe': vocab_size}.get(tokenizer_kind)
+    size = {'byte': tokenizers.ByteTokenizer.vocab_size,
+            'gpt2': tokenizers.Gpt2Tokenizer.vocab_size, 'bpe': vocab_size}.get(tokenizer_kind)
     if not size:
       with (tfds_mock_data(batch_size) if source.startswith('tfds:')
             else contextlib.nullcontext()):

@@ -153,7 +153,7 @@ class BpeTokenizer(Tokenizer):
 
 class Gpt2Tokenizer(Tokenizer):
   """tiktoken's 'gpt2' encoding (vocab 50257, end-of-text 50256)."""
-  kind = 'gpt2'
+  kind, vocab_size, eot_id = 'gpt2', 50257, 50256  # tiktoken's, set again from it below
 
   def __init__(self):
     try:
