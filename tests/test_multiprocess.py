@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from tests.test_train import cpu_config, final_params, launch_command, read_metrics, run_launch
 
 ARGS = ['--config=experiments/mnist_mlp.py:cpu', '--config.batch_size=16',
@@ -36,7 +36,7 @@ def start_processes(*args, count=2, devices=4, own_args=None, own_env=None, cwd=
                                   f'--coordinator_address=127.0.0.1:{port}',
                                   f'--num_processes={count}', f'--process_id={i}',
                                   mock_tfds=True)
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['XLA_FLAGS'] = xla_flags(devices)
     env.update(own_env[i] if own_env else {})
     procs.append(popen(command, env, cwd))
   return procs
@@ -229,7 +229,7 @@ def test_distributed_finds_a_slurm_job_s_processes(tmp_path):
   for i in range(2):
     command, env = launch_command(*ARGS, '--config.total_steps=4', '--distributed',
                                   f'--workdir={tmp_path / "run"}', mock_tfds=True)
-    env.update(XLA_FLAGS='--xla_force_host_platform_device_count=4', SLURM_JOB_ID=str(port -
+    env.update(XLA_FLAGS=xla_flags(4), SLURM_JOB_ID=str(port -
                61440), SLURM_STEP_NODELIST='127.0.0.1', SLURM_NTASKS='2', SLURM_PROCID=str(i),
                SLURM_LOCALID=str(i))
     procs.append(popen(command, env))
@@ -262,7 +262,7 @@ def test_a_gpt_sharded_over_two_processes_trains_and_samples_as_one_process(tmp_
          '--config.parallel.mesh.data=1', '--config.parallel.mesh.fsdp=8']
   two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
   wait_all(start_processes(*gpt, f'--workdir={two}'))
-  eight = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  eight = {'XLA_FLAGS': xla_flags(8)}
   single = run_launch(*gpt, f'--workdir={one}', env=eight)
   assert single.returncode == 0, single.stderr[-2000:]
   records = lambda w: [(r['step'], r['split'], r['loss']) for r in read_metrics(w)]
@@ -343,7 +343,7 @@ def test_compile_mode_over_two_processes_reports_once(tmp_path):
   assert ours_[1] == ''
   assert not (tmp_path / 'two').exists()  # removed by process 0 once both were done
   single = run_launch(*gpt, f'--workdir={tmp_path / "one"}',
-                      env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+                      env={'XLA_FLAGS': xla_flags(8)})
   assert single.returncode == 0, single.stderr[-2000:]
   flops = lambda out: re.search(r'FLOPs: ([\d.e+]+) in one device', out)[1]
   assert flops(ours_[0]) == flops(single.stdout)

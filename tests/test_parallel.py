@@ -16,7 +16,7 @@ from research import checkpoint
 from research import parallel
 from research import sample
 from research import train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 from tests.test_train import cpu_config
 
 
@@ -205,7 +205,7 @@ def test_fsdp_checkpoint_loads_for_sampling_and_init_from_on_one_device(tmp_path
 
   # The same in a process with a single device (there, restoring the saved layout fails).
   out = tmp_path / 'one_device.npz'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(1),
          'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', _LOAD_ON_ONE_DEVICE, workdir, str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

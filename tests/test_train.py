@@ -17,7 +17,7 @@ from research import checkpoint
 from research import parallel
 from research import train
 from research.data import image
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 EXPERIMENTS = ['mnist_mlp', 'mnist_cnn', 'cifar10_lenet', 'cifar10_resnet', 'linear_regression']
 
@@ -208,7 +208,7 @@ def launch_command(*args, mock_tfds=False):
     command = [sys.executable, '-c', code, *args]
   else:
     command = [sys.executable, 'launch.py', *args]
-  return command, {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  return command, {**os.environ, 'XLA_FLAGS': xla_flags(2)}
 
 
 def run_launch(*args, mock_tfds=False, env=None):
