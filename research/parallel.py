@@ -341,7 +341,10 @@ def compile_steps(mode: str, mesh: Mesh, init_fn: Callable, make_steps: Callable
     stacked = NamedSharding(Mesh(np.asarray(devs), (PMAP_AXIS,)), P(PMAP_AXIS))
     shard = lambda x: jax.device_put(x.reshape(n, -1, *x.shape[1:]), stacked)
     replicate = lambda x: jax.device_put(jnp.broadcast_to(x, (n, *x.shape)), stacked)
-    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    # Device 0's copy, as an array of its own. Indexing pmap's output (x[0]) waited for the
+    # computation that makes it: in the training loop, for every step. Its shard is there at
+    # once, and indexing that is queued like any other computation.
+    first = lambda tree: jax.tree.map(lambda x: x.addressable_shards[0].data[0], tree)
     every_leaf = jax.tree.map(lambda _: replicated, state_sharding)
     return Compiled(
         init_state=jax.jit(init_fn, out_shardings=every_leaf),
