@@ -218,12 +218,14 @@ def checkpoints_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
 
-def restore_params(workdir: str, devices=None, hint: str = ''):
+def restore_params(workdir: str, devices=None, hint: str = '', with_model_state: bool = False):
   """The parameters of the newest checkpoint of the run in `workdir` that loads (a damaged
   newer one is said and left in place), every array whole on each of `devices`: one device
-  (default: this process's first), or replicated over several.
+  (default: this process's first), or replicated over several. `with_model_state`: a dict of
+  the parameters and the model's other variables (`model_state`, e.g. BatchNorm's running
+  statistics; {} for a model without them) instead.
 
-  Only the parameters are read, not the optimizer state (twice their size under Adam). Without
+  The optimizer state (twice the parameters' size under Adam) is not read. Without
   a target Orbax would restore the shardings the checkpoint was saved with, which fail when the
   devices differ (a run trained on 8 devices, read on a machine with 1); the target here is
   the saved shapes and dtypes with a sharding on the current devices. `hint` ends the errors
@@ -244,12 +246,14 @@ def restore_params(workdir: str, devices=None, hint: str = ''):
     if not metadata or 'params' not in metadata:
       raise ValueError('its metadata (the list of its arrays) is missing or holds no params')
     is_array = lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype')
-    target = {'params': jax.tree.map(
+    keys = ('params', 'model_state') if with_model_state else ('params',)
+    target = {key: jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if is_array(m) else m,
-        metadata['params'], is_leaf=is_array)}
-    return mngr.restore(step, args=ocp.args.PyTreeRestore(
+        metadata[key], is_leaf=is_array) for key in keys if metadata.get(key)}
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))['params']
+        partial_restore=True))
+    return {'model_state': {}, **restored} if with_model_state else restored['params']
 
   with ocp.CheckpointManager(directory, item_handlers=ocp.PyTreeCheckpointHandler()) as mngr:
     steps = sorted(mngr.all_steps(), reverse=True)
@@ -277,13 +281,16 @@ def restore_params(workdir: str, devices=None, hint: str = ''):
   return params
 
 
-def load_params(workdir: str):
-  """The parameters of the newest checkpoint of another run that loads (config.init_from).
+def load_params(workdir: str) -> dict:
+  """{'params': ..., 'model_state': ...} of the newest checkpoint of another run that loads
+  (config.init_from): its parameters and the model's other variables (BatchNorm's running
+  statistics, which the parameters were trained with; {} for a model without them).
 
   They are replicated over every device of this run (whatever devices the other run used);
   the caller lays them out as it needs.
   """
-  return restore_params(workdir, jax.devices(), hint=f' (config.init_from={workdir!r})')
+  return restore_params(workdir, jax.devices(), hint=f' (config.init_from={workdir!r})',
+                        with_model_state=True)
 
 
 def check_workdir(workdir: str, state_bytes: int, keep: int):

@@ -58,8 +58,9 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   c.max_eval_batches = 0           # 0: the whole eval split
   c.eval_batch_size = 0            # global; 0: batch_size
   c.nonfinite = 'stop'             # a NaN/inf loss or gradient: stop | skip (the update)
-  c.init_from = ''                 # a workdir whose newest parameters start a new run (its
-                                   # tokenizer too, for language models)
+  c.init_from = ''                 # a workdir whose newest parameters (and BatchNorm
+                                   # statistics) start a new run (its tokenizer too, for
+                                   # language models)
 
   # keys checked against the model's fields
   c.model = model_config(model, **model_fields) if model else ml_collections.ConfigDict()

@@ -363,16 +363,19 @@ def _start(exp, writer):
   state, start = restore_or_init(exp)
   if start == 0 and exp.config.init_from:
     source = exp.config.init_from
-    params = checkpoint.load_params(source)
+    loaded = checkpoint.load_params(source)  # the parameters and BatchNorm's statistics
     fresh = exp.compiled.get_state(state)
-    mismatch = checkpoint.shape_mismatch(checkpoint.shapes({'params': params}),
-                                         checkpoint.shapes({'params': fresh.params}))
+    mismatch = checkpoint.shape_mismatch(
+        checkpoint.shapes(loaded),
+        checkpoint.shapes({'params': fresh.params, 'model_state': fresh.model_state}))
     if mismatch:
       raise ValueError(
           f'config.init_from={source!r}: {mismatch}: the model settings must be the '
           f'same (see {os.path.join(source, "config.json")}), e.g. config.model.scan_layers.')
-    params = jax.device_put(params, exp.compiled.state_sharding.params)
-    state = exp.compiled.put_state(fresh.replace(params=params))
+    sharding = exp.compiled.state_sharding
+    state = exp.compiled.put_state(fresh.replace(
+        params=jax.device_put(loaded['params'], sharding.params),
+        model_state=jax.device_put(loaded['model_state'], sharding.model_state)))
     writer.log(f'parameters initialised from {exp.config.init_from}; optimizer and step new')
   return state, start
 

@@ -171,7 +171,7 @@ assert jax.device_count() == 1, jax.devices()
 model, params, tokenizer, config = sample.load_trained(sys.argv[1])
 config.sample.prompt, config.sample.max_new_tokens, config.sample.temperature = 'def ', 4, 0.0
 text = sample.sample_text(model, params, tokenizer, config.sample, jax.random.key(0))
-init_from = checkpoint.load_params(sys.argv[1])
+init_from = checkpoint.load_params(sys.argv[1])['params']
 flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(x)
                      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 np.savez(sys.argv[2], **{'sampled ' + k: v for k, v in flat(params).items()},
@@ -193,7 +193,7 @@ def test_fsdp_checkpoint_loads_for_sampling_and_init_from_on_one_device(tmp_path
   flat = lambda tree: {jax.tree_util.keystr(p): x
                        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
   model, params, tokenizer, loaded_config = sample.load_trained(workdir)
-  init_from = checkpoint.load_params(workdir)
+  init_from = checkpoint.load_params(workdir)['params']
   for path, x in flat(saved).items():
     assert len(flat(params)[path].sharding.device_set) == 1, path
     assert flat(init_from)[path].sharding.is_fully_replicated, path

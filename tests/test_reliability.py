@@ -332,6 +332,32 @@ def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, warm, trained)
 
 
+def test_init_from_keeps_the_batchnorm_statistics_the_parameters_were_trained_with(tmp_path):
+  """A ResNet started from another run's parameters kept its own fresh running statistics (mean
+  0, variance 1): the same weights then evaluated as a different network until the averages
+  caught up (a review found one class predicted for every image)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  def resnet(**overrides):
+    config = cpu_config('cifar10_resnet', batch_size=16, total_steps=3, eval_every_steps=3,
+                        checkpoint_every_steps=3, **overrides)
+    config.model.stage_sizes, config.model.width = (1, 1), 8
+    return config
+  with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = str(tmp_path / 'source')
+    train.train_and_evaluate(resnet(), source)
+    exp = train.setup(resnet(), source)
+    saved = jax.device_get(exp.compiled.get_state(train.restore_or_init(exp)[0]))
+    exp = train.setup(resnet(init_from=source), str(tmp_path / 'warm'))
+    state, start = train._start(exp, types.SimpleNamespace(log=print))  # pylint: disable=protected-access
+    warm = jax.device_get(exp.compiled.get_state(state))
+  assert start == 0 and saved.model_state['batch_stats']
+  stats = jax.tree.leaves(saved.model_state)
+  assert not all(np.all(x == 0) or np.all(x == 1) for x in stats)  # trained, not fresh
+  jax.tree.map(np.testing.assert_array_equal, warm.model_state, saved.model_state)
+  jax.tree.map(np.testing.assert_array_equal, warm.params, saved.params)
+
+
 def test_init_from_reads_only_the_parameters_and_names_a_missing_run(tmp_path, monkeypatch):
   _, source = small_run(tmp_path)
   _, trained = final_params(cpu_config('linear_regression'), source)
@@ -341,10 +367,12 @@ def test_init_from_reads_only_the_parameters_and_names_a_missing_run(tmp_path, m
     targets.append(args.item)
     return restore(self, step, args=args, **kwargs)
   monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'restore', spy)
-  params = checkpoint.load_params(source)
+  loaded = checkpoint.load_params(source)
+  params = loaded['params']
   jax.tree.map(np.testing.assert_array_equal, params, trained)
-  # Only the parameters are read, not the optimizer state.
-  assert [list(t) for t in targets] == [['params']]
+  # Only the parameters are read (and the model's other variables: this one has none), not
+  # the optimizer state.
+  assert [list(t) for t in targets] == [['params']] and loaded['model_state'] == {}
   assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
   with pytest.raises(FileNotFoundError, match=r'does not exist \(config.init_from='):
     checkpoint.load_params(str(tmp_path / 'nowhere'))
