@@ -90,7 +90,8 @@ def sample(workdir: str):
   show = print if jax.process_index() == 0 else lambda *args, **kwargs: None
   show(settings.prompt, end='', flush=True)
   sample_lib.sample_text(model, params, tokenizer, settings, jax.random.key(FLAGS.seed),
-                         stream=lambda piece: show(piece, end='', flush=True))
+                         stream=lambda piece: show(piece, end='', flush=True),
+                         context_len=config.data.seq_len)
   show()
 
 

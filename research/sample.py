@@ -112,22 +112,27 @@ def generate(model, params, prompt_tokens, *, max_new_tokens: int, rng=None,
 
 
 def sample_text(model, params, tokenizer, sample_config, rng,
-                stream: Callable[[str], None] | None = None) -> str:
+                stream: Callable[[str], None] | None = None,
+                context_len: int | None = None) -> str:
   """Text continuing `sample_config.prompt` (temperature, top_k and top_p from the config).
 
-  `stream(piece)` receives the text as it is produced (whole characters only). All
-  `max_new_tokens` are produced, however many that is: when the context (block_size) is full,
-  sampling goes on from its last block_size // 2 tokens (the cache rebuilt from them), as
-  nanoGPT's sampling crops its context to the newest tokens. A prompt longer than the context
-  keeps its end.
+  `stream(piece)` receives the text as it is produced (whole characters only). `context_len`:
+  the most tokens each prediction conditions on; pass the run's config.data.seq_len, the
+  windows it was trained on (default: the model's block_size; positions past seq_len were
+  never trained). All `max_new_tokens` are produced, however many that is: when the context is
+  full, sampling goes on from its last context_len // 2 tokens (the cache rebuilt from them),
+  as nanoGPT's sampling crops its context to the newest tokens. A prompt longer than the
+  context keeps its end.
   """
-  if model.block_size < 2:
-    raise ValueError(f'Sampling needs config.model.block_size >= 2 (a token to condition on and '
-                     f'one to predict); it is {model.block_size}.')
+  context_len = min(context_len or model.block_size, model.block_size)
+  if context_len < 2:
+    raise ValueError(f'Sampling needs a context of at least 2 tokens (one to condition on and '
+                     f'one to predict); it is {context_len} (config.model.block_size='
+                     f'{model.block_size}, config.data.seq_len).')
   prompt = tokenizer.encode(sample_config.prompt)
   if not len(prompt):
     prompt = np.array([tokenizer.eot_id], np.int32)  # start a new document
-  context = prompt[-model.block_size:]
+  context = prompt[-context_len:]
   produced, shown = [], ['']
 
   def on_token(token):
@@ -139,14 +144,14 @@ def sample_text(model, params, tokenizer, sample_config, rng,
 
   remaining, segment = sample_config.max_new_tokens, 0
   while remaining > 0:
-    count = min(remaining, model.block_size + 1 - len(context))
+    count = min(remaining, context_len + 1 - len(context))
     segment_rng = rng if segment == 0 or rng is None else jax.random.fold_in(rng, segment)
     new = generate(model, params, context, max_new_tokens=count, rng=segment_rng,
                    temperature=sample_config.temperature, top_k=sample_config.top_k or None,
                    top_p=sample_config.top_p or None, callback=on_token if stream else None)
     if stream is None:  # without a callback generate does not wait for each token
       produced.extend(int(token) for token in new)
-    context = np.concatenate([context, new])[-(model.block_size // 2):]
+    context = np.concatenate([context, new])[-(context_len // 2):]
     remaining, segment = remaining - count, segment + 1
   text = tokenizer.decode(produced)
   if stream is not None and text != shown[0]:  # a tail held back for a character never whole

@@ -167,7 +167,8 @@ def _write_eval(exp, writer, workdir, step, result, confusion):
 def _write_samples(exp, writer, workdir, step, params):
   """Language models: a sample from the fixed prompt config.sample.prompt, into the log."""
   text = sample_lib.sample_text(exp.model, params, exp.data.tokenizer, exp.config.sample,
-                                jax.random.fold_in(exp.rng, step))
+                                jax.random.fold_in(exp.rng, step),
+                                context_len=exp.config.data.seq_len)
   writer.log(f'sample at step {step}: {exp.config.sample.prompt!r} -> {text!r}')
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'samples.txt'), 'a', encoding='utf-8') as f:

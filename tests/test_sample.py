@@ -112,6 +112,16 @@ def test_sample_text_goes_on_past_the_context(params):
                           max_new_tokens=9, temperature=0)
   np.testing.assert_array_equal(ids[14:23], again)
   assert sample.sample_text(model, weights, tokenizer, settings, None) == text  # not streamed
+  # A run trained on windows of 8 (config.data.seq_len < block_size): its positions 8-15 were
+  # never trained, and sampling conditions on 8 tokens at most (it ran on to 16).
+  text = sample.sample_text(model, weights, tokenizer, settings, None, context_len=8)
+  ids = tokenizer.last
+  assert len(ids) == 40
+  first = sample.generate(model, weights, prompt, max_new_tokens=6, temperature=0)
+  np.testing.assert_array_equal(ids[:6], first)  # 3 + 5 fed
+  again = sample.generate(model, weights, np.concatenate([prompt, first])[-4:],
+                          max_new_tokens=5, temperature=0)
+  np.testing.assert_array_equal(ids[6:11], again)
 
 
 def test_sample_text_needs_a_context_of_two_tokens():
@@ -120,8 +130,10 @@ def test_sample_text_needs_a_context_of_two_tokens():
   model = GPT(vocab_size=257, block_size=1, n_layer=1, n_head=1, n_embd=8)
   settings = ml_collections.ConfigDict(dict(prompt='a', max_new_tokens=3, temperature=0.0,
                                             top_k=0, top_p=0.0))
-  with pytest.raises(ValueError, match='block_size >= 2'):  # it looped forever
+  with pytest.raises(ValueError, match='a context of at least 2 tokens'):  # it looped forever
     sample.sample_text(model, None, tokenizers.ByteTokenizer(), settings, None)
+  with pytest.raises(ValueError, match=r'it is 1 \(config.model.block_size=16'):
+    sample.sample_text(MODEL, None, tokenizers.ByteTokenizer(), settings, None, context_len=1)
 
 
 def test_a_tail_that_never_makes_a_whole_character_is_still_streamed():
