@@ -39,8 +39,11 @@ def confusion_matrix(labels, predictions, num_classes: int, mask=None):
 def classification_report(confusion: np.ndarray) -> dict[str, float]:
   """Accuracy and macro-averaged precision, recall and F1 from a confusion matrix.
 
-  A class never predicted has precision 0, a class absent from the labels recall 0 (the
-  scikit-learn convention with zero_division=0); macro averages are over all classes.
+  A class never predicted has precision 0, a class absent from the labels recall 0
+  (zero_division=0); macro averages are over the classes that occur in the labels or the
+  predictions, as scikit-learn's and torchmetrics' are: a class absent from both (a small or
+  partial eval split) says nothing of the model, and counting it as 0 gave a perfect model an
+  F1 of 0.5. No examples at all: all zeros.
   """
   confusion = np.asarray(confusion, np.float64)
   tp = np.diag(confusion)
@@ -49,11 +52,13 @@ def classification_report(confusion: np.ndarray) -> dict[str, float]:
     precision = np.where(predicted > 0, tp / predicted, 0.0)
     recall = np.where(actual > 0, tp / actual, 0.0)
     f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+  seen = (predicted + actual) > 0
+  macro = lambda x: float(x[seen].mean()) if seen.any() else 0.0
   return {
       'accuracy': float(tp.sum() / max(confusion.sum(), 1)),
-      'precision': float(precision.mean()),
-      'recall': float(recall.mean()),
-      'f1': float(f1.mean()),
+      'precision': macro(precision),
+      'recall': macro(recall),
+      'f1': macro(f1),
   }
 
 
