@@ -250,7 +250,8 @@ RANGES = (('label_smoothing', 0, 1), ('model.dropout_rate', 0, 1),
           ('optimizer.b1', 0, 1), ('optimizer.b2', 0, 1), ('optimizer.eps', 0, math.inf),
           ('optimizer.weight_decay', 0, math.inf), ('optimizer.grad_clip_norm', 0, math.inf),
           ('sample.temperature', 0, math.inf), ('sample.top_k', 0, math.inf),
-          ('sample.top_p', 0, 1))
+          ('sample.top_p', 0, 1),
+          ('seed', 0, 2**31))  # numpy's generators refuse a negative seed (at the first batch)
 CLOSED_ABOVE = {'sample.top_p'}  # 1 allowed: the whole distribution
 
 

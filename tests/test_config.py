@@ -140,7 +140,7 @@ def test_non_positive_counts_rejected(key):
     ('model.dropout_rate', 1.5, 0.5), ('optimizer.learning_rate', -1.0, 0.0),
     ('label_smoothing', 1.0, 0.1), ('optimizer.b2', 1.0, 0.95),
     ('optimizer.weight_decay', float('nan'), 0.1), ('optimizer.warmup_steps', -5, 5),
-    ('sample.top_p', 1.5, 1.0), ('sample.top_k', -3, 5)])
+    ('sample.top_p', 1.5, 1.0), ('sample.top_k', -3, 5), ('seed', -1, 7)])
 def test_numbers_out_of_range_rejected(key, bad, good):
   """They trained without a word (a negative learning rate reached a loss of 7e7)."""
   d = mnist_mlp_dict()
