@@ -142,7 +142,7 @@ class _Timed:
   """An experiment's train step compiled ahead of time, stepped on one batch and timed."""
 
   def __init__(self, config, workdir: str):
-    self.exp = train.setup(config, workdir)
+    self.exp = train.setup(config, workdir, saves=False)  # a throwaway folder
     self.state, _ = train.restore_or_init(self.exp)
     self.batch = self.exp.compiled.put_batch(next(self.exp.data.train_batches(0)))
     start = time.perf_counter()

@@ -293,9 +293,11 @@ def load_params(workdir: str) -> dict:
                         with_model_state=True)
 
 
-def check_workdir(workdir: str, state_bytes: int, keep: int):
+def check_workdir(workdir: str, state_bytes: int, keep: int, saves: bool = True):
   """Fails early when the workdir cannot be written, has no room for the checkpoints, or (several
-  processes) is not one folder that all of them share."""
+  processes) is not one folder that all of them share. `saves`: whether this launch writes
+  checkpoints (training); evaluation and --mode=compile need no room for them. Checkpoints
+  already in the workdir (a resumed run's) count towards the keep + 1."""
   if '://' in workdir:  # os.path would make gs://bucket/run a local folder named 'gs:'
     raise ValueError(f'--workdir={workdir}: the workdir is written through the local file '
                      'system; mount the bucket (e.g. with gcsfuse) and pass the mounted path.')
@@ -318,12 +320,22 @@ def check_workdir(workdir: str, state_bytes: int, keep: int):
     raise OSError(error)
   if jax.process_count() > 1:
     check_shared(workdir)
+  if not saves:
+    return
   free = shutil.disk_usage(workdir).free
-  needed = state_bytes * (keep + 1)
+  directory = checkpoints_dir(workdir)
+  saved = sum(name.isdigit() for name in os.listdir(directory)) if os.path.isdir(directory) else 0
+  needed = state_bytes * max(keep + 1 - saved, 1)
   if free < needed:
-    raise OSError(f'The workdir {workdir} has {free / 2**20:.0f} MiB free but {keep} + 1 '
-                  f'checkpoints of {state_bytes / 2**20:.0f} MiB need {needed / 2**20:.0f} MiB; '
-                  'free some space, choose another --workdir, or lower config.keep_checkpoints.')
+    already = f' ({saved} already saved here)' if saved else ''
+    raise OSError(f'The workdir {workdir} has {_size(free)} free but {keep} + 1 checkpoints of '
+                  f'{_size(state_bytes)} need {_size(needed)} more{already}; free some space, '
+                  'choose another --workdir, or lower config.keep_checkpoints.')
+
+
+def _size(n: int) -> str:
+  return (f'{n / 2**20:.0f} MiB' if n >= 2**20 else f'{n / 2**10:.0f} KiB' if n >= 2**10 else
+          f'{n} B')
 
 
 def check_shared(workdir: str, wait_s: float = 10.0):

@@ -51,8 +51,9 @@ class Experiment:
   learning_rates: Any = None  # step -> the schedule's value, on the host (for logging)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
-  """Validates the config and builds data, model, optimizer and compiled steps (lazily)."""
+def setup(config: ml_collections.ConfigDict, workdir: str, saves: bool = True) -> Experiment:
+  """Validates the config and builds data, model, optimizer and compiled steps (lazily).
+  `saves`: whether checkpoints will be written (training; not evaluation or compilation)."""
   config = config_lib.resolve(config)
   mesh = parallel.make_mesh(config.parallel)
   parts = parallel.batch_parts(config.parallel, mesh)
@@ -116,7 +117,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
       parallel.state_shardings(boxed, mesh, rules), rules,
       config.parallel.cpu_compiler_options)
   abstract = jax.eval_shape(compiled.init_state, init_rng)
-  checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), config.keep_checkpoints)
+  checkpoint.check_workdir(workdir, checkpoint.state_bytes(abstract), config.keep_checkpoints,
+                           saves)
   ckpt = checkpoint.manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
   inputs = jax.tree.map(jnp.asarray, optim.schedule_inputs(config.optimizer, config.total_steps))
   return Experiment(config, data, model, schedule, compiled, ckpt, init_rng, rng, num_classes,
@@ -553,7 +555,7 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract shapes (the state is not allocated, one batch is), and returns its compile time
   (a load where the compilation cache has it), XLA's memory analysis per device and FLOPs,
   and for GPTs the step's FLOPs as MFU counts them: a step's fit, before a long run."""
-  exp = setup(config, workdir)
+  exp = setup(config, workdir, saves=False)
   state = jax.tree.map(
       lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       jax.eval_shape(exp.compiled.init_state, exp.init_rng), exp.compiled.state_sharding)
@@ -603,7 +605,7 @@ def compile_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates the newest checkpoint in `workdir` on the eval split."""
-  exp = setup(config, workdir)
+  exp = setup(config, workdir, saves=False)
   if exp.ckpt.latest_step() is None:
     raise FileNotFoundError(f'No checkpoint in {exp.ckpt.directory}: train first, or pass the '
                             '--workdir of a trained run.')

@@ -643,13 +643,24 @@ def test_workdir_needs_room_for_keep_plus_one_checkpoints(tmp_path, monkeypatch,
                       lambda path: shutil._ntuple_diskusage(1 << 40, 0, free['bytes']))  # pylint: disable=protected-access
   free['bytes'] = keep * state_bytes
   with pytest.raises(OSError, match=rf'has {3 * keep} MiB free but {keep} \+ 1 checkpoints of '
-                                    rf'3 MiB need {3 * (keep + 1)} MiB'):
+                                    rf'3 MiB need {3 * (keep + 1)} MiB more;'):
     checkpoint.check_workdir(str(tmp_path), state_bytes, keep)
   free['bytes'] = (keep + 1) * state_bytes - 1
   with pytest.raises(OSError, match='lower config.keep_checkpoints'):
     checkpoint.check_workdir(str(tmp_path), state_bytes, keep)
   free['bytes'] = (keep + 1) * state_bytes
   checkpoint.check_workdir(str(tmp_path), state_bytes, keep)  # exactly enough
+  # A resumed run's checkpoints are on the disk already: it needs room for the rest of the
+  # keep + 1 only (it was refused the whole again, after a preemption), at least for one.
+  for step in range(1, keep + 1):
+    os.makedirs(tmp_path / 'checkpoints' / str(step))
+    free['bytes'] = max(keep + 1 - step, 1) * state_bytes
+    checkpoint.check_workdir(str(tmp_path), state_bytes, keep)
+    free['bytes'] -= 1
+    with pytest.raises(OSError, match=rf'need {3 * max(keep + 1 - step, 1)} MiB more \({step} '
+                                      'already saved here\)'):
+      checkpoint.check_workdir(str(tmp_path), state_bytes, keep)
+    checkpoint.check_workdir(str(tmp_path), state_bytes, keep, saves=False)  # eval, compile
 
 
 @pytest.mark.parametrize('keep', [1, 3])
