@@ -54,17 +54,30 @@ FLAGS = flags.FLAGS
 
 
 def default_workdir() -> str:
-  """runs/NAME-TIME, the time process 0's (several processes must share one workdir)."""
+  """runs/NAME-TIME, the time process 0's (several processes must share one workdir), made
+  here by process 0, so that launches in the same second (a sweep started at once) do not
+  share it: the second gets runs/NAME-TIME-2, and so on."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   path, _, arg = flags.FLAGS['config'].config_filename.partition(':')
   name = os.path.splitext(os.path.basename(path))[0] + (f'_{arg}' if arg else '')
   stamp = time.strftime('%Y%m%d-%H%M%S')
+  numbered = lambda n: os.path.join('runs', f'{name}-{stamp}' + (f'-{n}' if n > 1 else ''))
+  n = 1
+  while jax.process_index() == 0:
+    try:
+      os.makedirs(numbered(n))  # atomic: of two launches, one makes it and the other moves on
+      break
+    except FileExistsError:
+      n += 1
+    except OSError:  # e.g. runs/ not writable: said by the workdir check, in one line
+      break
   if jax.process_count() > 1:
     stamp = bytes(np.asarray(multihost_utils.broadcast_one_to_all(
         np.frombuffer(stamp.encode(), np.uint8)))).decode()
-  return os.path.join('runs', f'{name}-{stamp}')
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(n)))
+  return numbered(n)
 
 
 def sample(workdir: str):
@@ -175,17 +188,18 @@ def holds_results(workdir: str) -> bool:
 
 
 @contextlib.contextmanager
-def removed_if_empty(workdir: str, also_after_success: bool = False):
+def removed_if_empty(workdir: str, also_after_success: bool = False, created: bool = False):
   """A workdir this launch creates is removed again when the launch fails before writing a
   checkpoint or a metric (a setting refused at start-up leaves no empty run folder behind; one
   process only: the others of a multi-process run may still be writing to it), or after it
-  succeeds, if asked (--mode=compile: by process 0 once all are done)."""
+  succeeds, if asked (--mode=compile: by process 0 once all are done). `created`: made by this
+  launch already (the default workdir)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   together = also_after_success and jax.process_count() > 1
   if together:  # all look before any of them makes it
     multihost_utils.sync_global_devices('removed_if_empty: look')
-  created = not os.path.exists(workdir)
+  created = created or not os.path.exists(workdir)
   if together:
     multihost_utils.sync_global_devices('removed_if_empty: looked')
   def remove_if_empty():
@@ -247,13 +261,13 @@ def run(argv):
     logging.set_verbosity(logging.WARNING)
   from research import train  # pylint: disable=g-import-not-at-top  (after flag parsing: fast --help)
   from research.data.image import DataError  # pylint: disable=g-import-not-at-top
-  workdir = FLAGS.workdir or default_workdir()
+  workdir, made = FLAGS.workdir or default_workdir(), not FLAGS.workdir
   try:
     if FLAGS.mode == 'train':
-      with removed_if_empty(workdir):
+      with removed_if_empty(workdir, created=made):
         train.train_and_evaluate(FLAGS.config, workdir)
     elif FLAGS.mode == 'compile':  # the folder training would use (one all processes share)
-      with removed_if_empty(workdir, also_after_success=True):
+      with removed_if_empty(workdir, also_after_success=True, created=made):
         compile_step(FLAGS.config, workdir)
     elif FLAGS.mode == 'eval':  # a mistyped --workdir is not left behind
       with removed_if_empty(workdir):

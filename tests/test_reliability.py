@@ -513,6 +513,37 @@ def test_a_launch_that_fails_before_a_result_leaves_no_new_workdir(tmp_path):
   assert (there / 'metrics.jsonl').exists()  # written by the launch, left with its folder
 
 
+_DEFAULT_WORKDIRS = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import launch
+launch.FLAGS(['launch.py', '--config=' + sys.argv[1] + '/experiments/linear_regression.py:cpu'])
+time.strftime = lambda fmt: '20261128-000705'  # launches in the same second
+print(*(launch.default_workdir() for _ in range(3)))
+"""
+
+
+def test_launches_in_the_same_second_get_workdirs_of_their_own(tmp_path):
+  """The default runs/NAME-TIME was to the second: a sweep started at once (or a SLURM array)
+  trained into one folder. The first launch's name is unchanged; each folder is made at once
+  (atomically), so two launches cannot both take one. A launch that then fails at start-up
+  leaves no folder behind (a workdir it made, though it existed before the run began)."""
+  result = subprocess.run([sys.executable, '-c', _DEFAULT_WORKDIRS, str(ROOT)], cwd=tmp_path,
+                          capture_output=True, text=True, check=False, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  name = 'runs/linear_regression_cpu-20261128-000705'
+  assert result.stdout.split() == [name, f'{name}-2', f'{name}-3']
+  assert sorted(os.listdir(tmp_path / 'runs')) == [os.path.basename(n) for n in
+                                                    (name, f'{name}-2', f'{name}-3')]
+  failed = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'),
+       f'--config={os.path.join(ROOT, "experiments", "linear_regression.py")}:cpu',
+       '--config.optimizer.learning_rate=1e30'], cwd=tmp_path, capture_output=True, text=True,
+      check=False, timeout=300)
+  assert failed.returncode != 0 and 'No checkpoint was saved before it' in failed.stderr
+  assert len(os.listdir(tmp_path / 'runs')) == 3  # its own folder made, then removed
+
+
 class _FailsWhenWaitedFor:
   """Step outputs whose error shows when they are waited for (asynchronous dispatch, GPUs)."""
 
