@@ -30,8 +30,12 @@ def schedule_inputs(opt_config, total_steps: int) -> dict[str, np.ndarray]:
   elif name == 'piecewise':
     # boundaries are fractions of training, e.g. (0.5, 0.75) with scales (0.1, 0.1); counted
     # after the warm-up, as optax's schedules joined after it are (one scale per boundary).
-    drops = {int(b * total_steps) - warmup: s
-             for b, s in zip(opt_config.boundaries, opt_config.scales)}
+    # Boundaries that round to one step drop there by the product of their scales (a dict of
+    # step -> scale kept only the last: a drop was lost on short runs).
+    drops = {}
+    for b, s in zip(opt_config.boundaries, opt_config.scales):
+      step = int(b * total_steps) - warmup
+      drops[step] = drops.get(step, 1.0) * s
     inputs['boundaries'], inputs['scales'] = sorted(drops), [drops[b] for b in sorted(drops)]
   return {key: np.asarray(value, np.float32) for key, value in inputs.items()}
 

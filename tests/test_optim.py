@@ -49,6 +49,16 @@ def test_piecewise_schedule_drops_at_fractions(warmup):
     np.testing.assert_allclose(schedule(step), lr, rtol=1e-6, err_msg=f'step {step}')
 
 
+def test_piecewise_boundaries_on_one_step_both_drop():
+  """0.5 and 0.55 of 10 steps are both step 5: the rate drops by both scales there (one of
+  them was lost)."""
+  c = opt_config(learning_rate=1.0, schedule='piecewise', boundaries=(0.5, 0.55),
+                 scales=(0.1, 0.2))
+  schedule = optim.make_schedule(c, total_steps=10)
+  for step, lr in [(4, 1.0), (5, 0.02), (9, 0.02)]:
+    np.testing.assert_allclose(schedule(step), lr, rtol=1e-6, err_msg=f'step {step}')
+
+
 SCHEDULES = [dict(learning_rate=0.3), dict(learning_rate=0.3, warmup_steps=10),
              dict(learning_rate=6e-4, min_learning_rate=6e-5, schedule='warmup_cosine',
                   warmup_steps=20),
