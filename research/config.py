@@ -69,7 +69,7 @@ def defaults(model: str | None = None, **model_fields) -> ml_collections.ConfigD
   c.data.name = ''                 # 'text', 'mnist_idx', 'synthetic_linear' or a TFDS name
   c.data.data_dir = ''             # TFDS data_dir; '' = TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.download = True           # let TFDS download and prepare a missing dataset
-  c.data.path = ''                 # mnist_idx: folder with the IDX files
+  c.data.path = ''                 # mnist_idx: folder with the IDX files (.gz or not)
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
   c.data.mean = (0.0,)             # after scaling uint8 images to [0, 1]

@@ -58,6 +58,20 @@ def test_idx_mnist_test_set(mnist_dir):
   np.testing.assert_array_equal(source[1234]['inputs'].ravel(), raw[1234 * 784:1235 * 784])
 
 
+def test_unpacked_idx_files_read_as_the_gzipped_ones(mnist_dir, tmp_path):
+  """A folder of unpacked IDX files (torchvision's MNIST/raw) was reported as missing."""
+  for kind, d in (('images', 3), ('labels', 1)):
+    with gzip.open(f'{mnist_dir}/t10k-{kind}-idx{d}-ubyte.gz', 'rb') as f:
+      (tmp_path / f't10k-{kind}-idx{d}-ubyte').write_bytes(f.read())
+  unpacked, packed = image.idx_source(str(tmp_path), 'test[:500]'), image.idx_source(
+      mnist_dir, 'test[:500]')
+  np.testing.assert_array_equal(unpacked.inputs, packed.inputs)
+  np.testing.assert_array_equal(unpacked.targets, packed.targets)
+  with pytest.raises(image.DataError, match=r"train-images-idx3-ubyte.gz.*\(or the same "
+                                            r"unpacked, without .gz\), or take this split"):
+    image.idx_source(str(tmp_path), 'train')
+
+
 def test_idx_split_slices(mnist_dir):
   full = image.idx_source(mnist_dir, 'test')
   head, tail = (image.idx_source(mnist_dir, s) for s in ('test[:8000]', 'test[8000:]'))

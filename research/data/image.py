@@ -163,23 +163,34 @@ def _read_idx(path: str) -> np.ndarray:
   return data.reshape(shape)
 
 
+def _idx_files(path: str, prefix: str) -> list[str]:
+  """The images and labels files of `prefix` (train, t10k) in `path`, each gzipped (as
+  published) or not (as unpacked, e.g. torchvision's MNIST/raw); the gzipped names if absent."""
+  files = []
+  for kind, d in (('images', 3), ('labels', 1)):
+    name = os.path.join(path, f'{prefix}-{kind}-idx{d}-ubyte')
+    files.append(name if os.path.exists(name) and not os.path.exists(f'{name}.gz') else
+                 f'{name}.gz')
+  return files
+
+
 def idx_source(path: str, split: str) -> _ArraySource:
-  """MNIST in its original IDX files: split 'train' -> train-*, 'test' -> t10k-*."""
+  """MNIST in its original IDX files (gzipped or not): split 'train' -> train-*, 'test' ->
+  t10k-*."""
   name, _ = _split_slice(split)
   prefix = {'train': 'train', 'test': 't10k'}.get(name)
   if prefix is None:
     raise DataError(f'IDX split must be train or test (optionally sliced), not {split!r}.')
-  files = [os.path.join(path, f'{prefix}-{kind}-idx{d}-ubyte.gz')
-           for kind, d in (('images', 3), ('labels', 1))]
+  files = _idx_files(path, prefix)
   missing = [f for f in files if not os.path.exists(f)]
   if missing:
     other, other_prefix, cut = (('test', 't10k', 8000) if name == 'train' else
                                 ('train', 'train', 50000))
-    has_other = all(os.path.exists(os.path.join(path, f'{other_prefix}-{kind}-idx{d}-ubyte.gz'))
-                    for kind, d in (('images', 3), ('labels', 1)))
+    has_other = all(os.path.exists(f) for f in _idx_files(path, other_prefix))
     raise DataError(
         f'MNIST IDX files not found: {missing}. Set config.data.path to the folder that holds '
-        f'{prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz'
+        f'{prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz (or the same '
+        'unpacked, without .gz)'
         + (f', or take this split from the {other!r} files that {path} has '
            f"(config.data.train_split / eval_split, e.g. '{other}[:{cut}]' and "
            f"'{other}[{cut}:]')." if has_other else '.'))
