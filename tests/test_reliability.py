@@ -689,7 +689,7 @@ def test_workdir_needs_room_for_keep_plus_one_checkpoints(tmp_path, monkeypatch,
     checkpoint.check_workdir(str(tmp_path), state_bytes, keep)
     free['bytes'] -= 1
     with pytest.raises(OSError, match=rf'need {3 * max(keep + 1 - step, 1)} MiB more \({step} '
-                                      'already saved here\)'):
+                                      r'already saved here\)'):
       checkpoint.check_workdir(str(tmp_path), state_bytes, keep)
     checkpoint.check_workdir(str(tmp_path), state_bytes, keep, saves=False)  # eval, compile
 
