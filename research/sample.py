@@ -133,14 +133,8 @@ def sample_text(model, params, tokenizer, sample_config, rng,
   if not len(prompt):
     prompt = np.array([tokenizer.eot_id], np.int32)  # start a new document
   context = prompt[-context_len:]
-  produced, shown = [], ['']
-
-  def on_token(token):
-    produced.append(int(token))
-    text = tokenizer.decode(produced)
-    if stream is not None and not text.endswith('\ufffd'):  # wait for a whole character
-      stream(text[len(shown[0]):])
-      shown[0] = text
+  streamer = TextStream(tokenizer, stream) if stream is not None else None
+  produced = streamer.ids if streamer else []
 
   remaining, segment = sample_config.max_new_tokens, 0
   while remaining > 0:
@@ -148,15 +142,47 @@ def sample_text(model, params, tokenizer, sample_config, rng,
     segment_rng = rng if segment == 0 or rng is None else jax.random.fold_in(rng, segment)
     new = generate(model, params, context, max_new_tokens=count, rng=segment_rng,
                    temperature=sample_config.temperature, top_k=sample_config.top_k or None,
-                   top_p=sample_config.top_p or None, callback=on_token if stream else None)
-    if stream is None:  # without a callback generate does not wait for each token
+                   top_p=sample_config.top_p or None, callback=streamer and streamer.add)
+    if streamer is None:  # without a callback generate does not wait for each token
       produced.extend(int(token) for token in new)
     context = np.concatenate([context, new])[-(context_len // 2):]
     remaining, segment = remaining - count, segment + 1
   text = tokenizer.decode(produced)
-  if stream is not None and text != shown[0]:  # a tail held back for a character never whole
-    stream(text[len(shown[0]):])
+  if streamer:
+    streamer.finish(text)
   return text
+
+
+class TextStream:
+  """Streams the text of tokens given one at a time (`add`), whole characters only: a piece
+  waits while it ends in half a UTF-8 character.
+
+  Each token decodes only the tokens since the piece before the last one streamed, twice (with
+  and without the new ones: the difference is the new text), as vLLM's incremental
+  detokenisation does, not all the tokens so far (quadratic: 2.7 s of decoding for 4,000
+  tokens). The window starts at a token already streamed, so a tokenizer that drops the space
+  starting a text (SentencePiece) drops it from both decodes alike.
+  """
+
+  def __init__(self, tokenizer, stream: Callable[[str], None]):
+    self.tokenizer, self.stream = tokenizer, stream
+    self.ids, self.pieces = [], []
+    self.start = self.done = 0  # the window decoded; the end of what has been streamed
+
+  def add(self, token):
+    self.ids.append(int(token))
+    before = self.tokenizer.decode(self.ids[self.start:self.done])
+    text = self.tokenizer.decode(self.ids[self.start:])
+    if len(text) > len(before) and not text.endswith('\ufffd'):  # a whole character more
+      self.pieces.append(text[len(before):])
+      self.stream(self.pieces[-1])
+      self.start, self.done = self.done, len(self.ids)
+
+  def finish(self, text: str):
+    """`text`, the whole decode: streams a tail held back for a character never whole."""
+    shown = ''.join(self.pieces)
+    if text != shown:
+      self.stream(text[len(shown):])
 
 
 def load_trained(workdir: str):
