@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -164,6 +165,23 @@ def _write_eval(exp, writer, workdir, step, result, confusion):
     np.savetxt(os.path.join(workdir, 'confusion_matrix.csv'), confusion, fmt='%d',
                delimiter=',', header=f'step {step}, {split}; rows: true class, columns: '
                'predicted')
+
+
+def _drop_samples_after(workdir: str, step: int):
+  """Removes samples.txt's samples of steps after `step`, as metrics.jsonl's records are: a
+  resumed run samples them again (they were written twice)."""
+  path = os.path.join(workdir, 'samples.txt')
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  samples = re.split(r'(?m)^(?==== step \d+$)', text)  # each from its '=== step N' line on
+  after = lambda sample: (m := re.match(r'=== step (\d+)\n', sample)) and int(m[1]) > step
+  keep = [sample for sample in samples if not after(sample)]
+  if len(keep) < len(samples):
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.write(''.join(keep))
+    os.replace(path + '.tmp', path)
 
 
 def _write_samples(exp, writer, workdir, step, params):
@@ -404,6 +422,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if dropped:  # they would be written twice
     writer.log(f'metrics.jsonl: {dropped} lines after step {start} removed (the steps they '
                'describe were not checkpointed and run again now).')
+  if is_main:
+    _drop_samples_after(workdir, start)
   params = exp.compiled.get_state(state).params
   num_params = sum(x.size for x in jax.tree.leaves(params))
   count = len(parallel.devices(config.parallel.num_devices))  # the run's, not all there are
