@@ -440,13 +440,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 'starting at step 0' if config.init_from else 'starting from scratch')
              + f'; workdir {workdir}')
   result = {}
-  if start >= config.total_steps:
+  if start >= config.total_steps or (start and start % config.eval_every_steps == 0):
     # Process 0's answer for all: the evaluation spans every process.
     record = _eval_record(workdir, start, exp.data.eval_split)
     written = record is not None
     if jax.process_count() > 1:
       written = bool(multihost_utils.broadcast_one_to_all(np.int32(written)))
-    if written:
+    if start < config.total_steps:
+      if not written:  # preempted at an evaluation step: saved, then stopped before evaluating
+        writer.log(f'Step {start} was saved but not evaluated (the run stopped there): '
+                   'evaluating it now.')
+        _evaluate_and_write(exp, writer, workdir, start, state)
+    elif written:
       writer.log(f'The run in {workdir} already finished ({start} of {config.total_steps} '
                  'steps).' if start == config.total_steps else
                  f'The run in {workdir} has trained {start} steps, more than '

@@ -320,6 +320,29 @@ def test_config_json_keeps_the_last_config_that_ran_and_a_damaged_one_is_rewritt
     assert json.load(f)['total_steps'] == 40
 
 
+def test_a_run_stopped_between_saving_and_evaluating_a_step_evaluates_it_on_resume(tmp_path):
+  """A preemption that lands on an evaluation step saves that step and stops before its
+  evaluation; the resumed run went on from there, and the evaluation of that step was never
+  made (the final one was, by the check for finished runs)."""
+  config = cpu_config('linear_regression', total_steps=4, eval_every_steps=2,
+                      checkpoint_every_steps=2, log_every_steps=1)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  evals = lambda: [(r['step'], r['loss']) for r in read_metrics(workdir) if r['split'] == 'eval']
+  whole = evals()
+  assert [step for step, _ in whole] == [2, 4]
+  # As if stopped right after saving step 2: no step-4 checkpoint, no step-2 evaluation.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  path = os.path.join(workdir, 'metrics.jsonl')
+  with open(path, encoding='utf-8') as f:
+    lines = [line for line in f if json.loads(line)['step'] < 2 or (
+        json.loads(line)['step'] == 2 and json.loads(line)['split'] == 'train')]
+  with open(path, 'w', encoding='utf-8') as f:
+    f.writelines(lines)
+  train.train_and_evaluate(config, workdir)
+  assert evals() == whole  # the same evaluations, each once
+
+
 def test_init_from_starts_a_new_run_from_another_runs_parameters(tmp_path):
   _, source = small_run(tmp_path)
   _, trained = final_params(cpu_config('linear_regression'), source)
