@@ -140,8 +140,9 @@ def test_text_evaluation_scores_every_validation_window_once(tmp_path):
 def test_a_resume_drops_the_samples_of_steps_it_runs_again(tmp_path):
   """A run stopped after its step-30 sample but before a step-30 checkpoint samples step 30
   again when resumed from step 20: samples.txt had it twice (metrics.jsonl drops such lines).
-  Samples of any text (blank lines, a line of '=') are kept whole."""
-  samples = ('=== step 10\n\ndef f\n\n=== step 20\n=== = ===\n=== step 3\n'
+  Samples with blank lines and lines of '=' are kept whole. (A sample holding a line
+  '=== step N' of its own would be taken for two.)"""
+  samples = ('=== step 10\n\ndef f\n\n=== step 20\n=== = ===\n'
              '=== step 30\nx\n=== step 40\ny\n')
   (tmp_path / 'samples.txt').write_text(samples)
   train._drop_samples_after(str(tmp_path), 20)  # pylint: disable=protected-access
